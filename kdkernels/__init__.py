@@ -1,0 +1,6 @@
+"""kdkernels: fused knowledge-distillation losses for PyTorch (torch, Triton and CUDA C++ backends)."""
+from . import reference
+from .api import KDLoss, kd_loss, tempered_log_softmax, tempered_softmax
+
+__version__ = "0.1.0"
+__all__ = ["kd_loss", "KDLoss", "tempered_softmax", "tempered_log_softmax", "reference", "__version__"]

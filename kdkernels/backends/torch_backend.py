@@ -1,0 +1,157 @@
+"""Pure-PyTorch backend: chunked over rows, runs on any device.
+
+Rows are processed a chunk at a time, so the only (N, V) tensors allocated
+are the gradients themselves; the float32 work buffers are (chunk, V) with
+chunk * V about CHUNK_ELEMS. Every per-row statistic (max, sum, lse, the
+divergence) is float32 (float64 for float64 inputs), and the student
+gradient is written during the forward pass.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import DIVERGENCES
+
+NAME = "torch"
+# Elements per work chunk: 2**20 float32 = 4 MiB per buffer, which keeps the
+# handful of live buffers in a CPU's L2/L3 and is negligible next to (N, V) on a GPU.
+CHUNK_ELEMS = 1 << 20
+
+
+def available(device: torch.device) -> str | None:
+    """None if this backend runs on `device`, else the reason it cannot."""
+    return None
+
+
+def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _rows_per_chunk(V: int) -> int:
+    return max(1, CHUNK_ELEMS // max(V, 1))
+
+
+def _mul0(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a * b, exactly 0 where a == 0 (a zero probability times -inf is 0, not NaN; NaN in a stays NaN)."""
+    return (a * b).masked_fill_(a == 0, 0.0)
+
+
+def _log_softmax_stats(x: torch.Tensor):
+    """(log_softmax(x), softmax(x)) of a float chunk along the last dim, one exp per element."""
+    m = x.amax(-1, keepdim=True)  # an all -inf or +inf row gives NaN: there is no distribution
+    e = (x - m).exp_()
+    d = e.sum(-1, keepdim=True)
+    return x - (m + d.log()), e.div_(d)
+
+
+def divergence_and_grads(log_p, p, log_q, q, code: int, beta: float):
+    """Per-row divergence D and its gradients w.r.t. the tempered student and teacher logits.
+
+    Returns (D [rows], dD/ds' [rows, V], dD/dt' [rows, V]), s' = s / T and t' = t / T.
+    """
+    name = DIVERGENCES[code]
+    if name == "kl":
+        r = log_p - log_q
+        D = _mul0(p, r).sum(-1, keepdim=True)
+        return D, q - p, _mul0(p, r - D)
+    if name == "soft_ce":
+        D = -_mul0(p, log_q).sum(-1, keepdim=True)
+        return D, q - p, -_mul0(p, log_q + D)
+    if name == "reverse_kl":
+        r = log_q - log_p
+        D = _mul0(q, r).sum(-1, keepdim=True)
+        return D, _mul0(q, r - D), p - q
+    # jsd with 0 < beta < 1 (the API maps beta 0 / 1 to kl / reverse_kl)
+    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    rp, rq = log_p - log_m, log_q - log_m
+    kl_pm = _mul0(p, rp).sum(-1, keepdim=True)
+    kl_qm = _mul0(q, rq).sum(-1, keepdim=True)
+    D = beta * kl_pm + (1 - beta) * kl_qm
+    return D, (1 - beta) * _mul0(q, rq - kl_qm), beta * _mul0(p, rp - kl_pm)
+
+
+def _teacher_tempered(t: torch.Tensor, teacher_is_probs: bool, inv_t: float, acc) -> torch.Tensor:
+    if not teacher_is_probs:
+        return t.to(acc) * inv_t
+    P = t.to(acc)
+    return torch.where(P == 0, -math.inf, P.log()) * inv_t
+
+
+def kd_forward(student, teacher, labels, *, teacher_is_probs, temperature, divergence, beta,
+               soft_scale, hard_weight, ignore_index, teacher_grad):
+    """Fused per-row loss and gradients (see kdkernels.ops.kd_fused for the contract)."""
+    N, V = student.shape
+    acc = _acc_dtype(student, teacher)
+    dev = student.device
+    loss = torch.empty(N, dtype=acc, device=dev)
+    grad_s = torch.empty(student.shape, dtype=student.dtype, device=dev)
+    grad_t = torch.empty(teacher.shape if teacher_grad else (0,), dtype=teacher.dtype, device=dev)
+    inv_t = 1.0 / temperature
+    g_scale = soft_scale * inv_t  # d(soft_scale * D)/ds = soft_scale * dD/ds' / T
+    step = _rows_per_chunk(V)
+    for a in range(0, N, step):
+        b = min(N, a + step)
+        s = student[a:b].to(acc)
+        log_q, q = _log_softmax_stats(s * inv_t)
+        log_p, p = _log_softmax_stats(_teacher_tempered(teacher[a:b], teacher_is_probs, inv_t, acc))
+        D, dS, dT = divergence_and_grads(log_p, p, log_q, q, divergence, beta)
+        row_loss = soft_scale * D.squeeze(-1)
+        dS.mul_(g_scale)
+        if labels is not None:
+            y = labels[a:b]
+            ignored = y == ignore_index
+            bad = (y < 0) | (y >= V)
+            bad &= ~ignored
+            y_safe = torch.where(ignored | bad, 0, y).unsqueeze(-1)
+            if hard_weight != 0:
+                log_sm, sm = (log_q, q) if temperature == 1.0 else _log_softmax_stats(s)
+                row_loss = row_loss - hard_weight * log_sm.gather(-1, y_safe).squeeze(-1)
+                dS.add_(sm, alpha=hard_weight)
+                dS.scatter_add_(-1, y_safe, torch.full_like(y_safe, -hard_weight, dtype=acc))
+            # An out-of-range label (only reachable where the API could not check it
+            # without a device sync) poisons its row with NaN instead of reading out of bounds.
+            row_loss = row_loss.masked_fill(bad, math.nan)
+            dS.masked_fill_(bad.unsqueeze(-1), math.nan)
+            row_loss = row_loss.masked_fill(ignored, 0.0)
+            dS.masked_fill_(ignored.unsqueeze(-1), 0.0)
+        loss[a:b] = row_loss
+        grad_s[a:b] = dS
+        if teacher_grad:
+            dT.mul_(g_scale)
+            if teacher_is_probs:
+                P = teacher[a:b].to(acc)
+                dT = torch.where(P == 0, 0.0, dT / P)
+            if labels is not None:
+                dT.masked_fill_(ignored.unsqueeze(-1), 0.0)
+            grad_t[a:b] = dT
+    return loss, grad_s, grad_t
+
+
+def softmax_forward(x: torch.Tensor, temperature: float, log: bool) -> torch.Tensor:
+    """softmax(x / T) or log_softmax(x / T) over the last dim of a 2-D tensor, in x.dtype."""
+    N, V = x.shape
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    step = _rows_per_chunk(V)
+    acc = _acc_dtype(x)
+    for a in range(0, N, step):
+        xs = x[a:a + step].to(acc) * (1.0 / temperature)
+        out[a:a + step] = torch.log_softmax(xs, -1) if log else torch.softmax(xs, -1)
+    return out
+
+
+def softmax_backward(y: torch.Tensor, grad_y: torch.Tensor, temperature: float, log: bool) -> torch.Tensor:
+    """Gradient w.r.t. x of (log_)softmax(x / T), from its output y and the output gradient."""
+    N, V = y.shape
+    out = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    step = _rows_per_chunk(V)
+    acc = _acc_dtype(y, grad_y)
+    for a in range(0, N, step):
+        ys, gs = y[a:a + step].to(acc), grad_y[a:a + step].to(acc)
+        if log:
+            gx = gs - ys.exp() * gs.sum(-1, keepdim=True)
+        else:
+            gx = ys * (gs - (gs * ys).sum(-1, keepdim=True))
+        out[a:a + step] = gx * (1.0 / temperature)
+    return out
