@@ -9,7 +9,8 @@ Its backward only scales the saved gradient by the incoming per-row gradient,
 in place (no new (N, V) tensor, no host synchronisation). Because the saved
 gradient is consumed, a second backward through the same graph
 (retain_graph=True) raises PyTorch's "modified by an inplace operation"
-error instead of returning a wrong gradient.
+error instead of returning a wrong gradient. float64 inputs keep the saved
+gradient intact, so gradcheck and repeated backward passes work there.
 """
 from __future__ import annotations
 
@@ -66,7 +67,13 @@ def _kd_setup_context(ctx, inputs, output):
 
 
 def _eager(t: Tensor) -> bool:
-    return (type(t) is torch.Tensor and not torch.compiler.is_compiling()
+    """Whether backward may scale the saved gradient `t` in place (see the module docstring).
+
+    Not when traced (torch.compile, opcheck: a traced graph may not mutate a saved forward
+    output; the compiler reuses buffers itself), and not for float64, the exactness path
+    that gradcheck and torch.autograd.functional drive with repeated backward passes.
+    """
+    return (type(t) is torch.Tensor and t.dtype != torch.float64 and not torch.compiler.is_compiling()
             and not is_in_torch_dispatch_mode())
 
 

@@ -1,0 +1,103 @@
+"""Shared test harness: one tolerance table and one comparison against kdkernels.reference.
+
+Every backend is tested with the same function, `assert_matches_reference`, so that
+"the same cases, compared with the float64 reference" holds by construction.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kdkernels
+from kdkernels import reference
+
+# Tolerances per input dtype. The reference gets the *same* low-precision values upcast to
+# float64, so the only errors are the backend's float32 arithmetic and the rounding of the
+# gradient to its dtype (loss is float32 whatever the input dtype).
+# grad_atol is relative to max |reference grad|; float16 adds its subnormal spacing 2**-24
+# as an absolute floor (a gradient entry of 1e-6 cannot be stored closer than that).
+#            dtype            loss_rtol loss_atol grad_rtol grad_atol grad_floor
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-12, 1e-10, 1e-12, 0.0),
+    torch.float32: (2e-5, 1e-6, 1e-4, 2e-6, 0.0),
+    torch.bfloat16: (2e-5, 1e-6, 8e-3, 1e-5, 0.0),
+    torch.float16: (2e-5, 1e-6, 1e-3, 1e-5, 2.0**-24),
+}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DIVERGENCES = ["kl", "soft_ce", "reverse_kl", "jsd"]
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def make_inputs(shape, dtype, *, device="cpu", teacher_probs=False, labels=False, ignore_frac=0.25,
+                neg_inf_cols=(), scale=2.0, generator=None, ignore_index=-100):
+    """Fresh random student logits, teacher logits or probabilities, and labels."""
+    g = generator
+    V = shape[-1]
+    s = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    t = torch.randn(shape, generator=g, dtype=torch.float64) * scale
+    for c in neg_inf_cols:
+        t[..., c] = -math.inf
+    if teacher_probs:
+        t = torch.softmax(t, -1)
+    t = t.to(dtype)
+    y = None
+    if labels:
+        y = torch.randint(0, V, shape[:-1], generator=g)
+        y[torch.rand(shape[:-1], generator=g) < ignore_frac] = ignore_index
+    mv = lambda x: None if x is None else x.to(device)  # noqa: E731
+    return mv(s), mv(t), mv(y)
+
+
+def assert_close(actual, expected, rtol, atol, what):
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    same_nonfinite = (actual == expected) | (actual.isnan() & expected.isnan())
+    finite = torch.isfinite(expected)
+    assert bool((same_nonfinite | finite).all()), f"{what}: non-finite values differ"
+    err = (actual - expected).abs().where(finite, torch.zeros_like(actual))
+    bound = atol + rtol * expected.abs().where(finite, torch.zeros_like(expected))
+    worst = (err - bound).argmax() if err.numel() else None
+    assert bool((err <= bound).all()), (
+        f"{what}: max error {err.flatten()[worst].item():.3g} at {worst.item()} "
+        f"(actual {actual.flatten()[worst].item():.6g}, expected {expected.flatten()[worst].item():.6g})")
+
+
+def assert_matches_reference(student, teacher, labels=None, *, teacher_is_probs=False, backend="torch",
+                             grad_output=None, teacher_grad=False, **kwargs):
+    """Run kd_loss on `backend` and kdkernels.reference on float64 copies; compare the loss and
+    the gradients of the student (and the teacher when teacher_grad) for the given grad_output."""
+    dtype = student.dtype
+    loss_rtol, loss_atol, grad_rtol, grad_atol, grad_floor = TOLERANCES[dtype]
+    s = student.detach().clone().requires_grad_()
+    t = teacher.detach().clone().requires_grad_(teacher_grad)
+    tkw = {"teacher_probs": t} if teacher_is_probs else {"teacher_logits": t}
+    loss = kdkernels.kd_loss(s, labels=labels, backend=backend, **tkw, **kwargs)
+    s64 = student.detach().double().requires_grad_()
+    t64 = teacher.detach().double().requires_grad_(teacher_grad)
+    tkw64 = {"teacher_probs": t64} if teacher_is_probs else {"teacher_logits": t64}
+    ref = reference.kd_loss(s64, labels=labels, **tkw64, **kwargs)
+    expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert loss.dtype == expected_dtype, f"loss dtype {loss.dtype}, expected {expected_dtype}"
+    assert loss.shape == ref.shape
+    assert_close(loss, ref, loss_rtol, loss_atol * max(1.0, ref.detach().abs().max().item() if ref.numel() else 1.0), "loss")
+    if grad_output is None:
+        grad_output = torch.randn(ref.shape, dtype=torch.float64) * 0.5 + 1.3 if ref.dim() else torch.tensor(1.7, dtype=torch.float64)
+    (loss * grad_output.to(loss.device, loss.dtype)).sum().backward()
+    (ref * grad_output.to(ref.device)).sum().backward()
+    checks = [("student grad", s, s64)] + ([("teacher grad", t, t64)] if teacher_grad else [])
+    for what, x, x64 in checks:
+        assert x.grad is not None, f"{what} missing"
+        assert x.grad.dtype == x.dtype, f"{what} dtype {x.grad.dtype}, expected {x.dtype}"
+        finite = x64.grad[torch.isfinite(x64.grad)]
+        scale = finite.abs().max().item() if finite.numel() else 1.0
+        assert_close(x.grad, x64.grad, grad_rtol, grad_atol * scale + grad_floor, what)
+    return loss, ref
