@@ -98,6 +98,9 @@ def kd_loss(
     reduction: str = "mean",
     normalizer=None,
     backend: str = "auto",
+    teacher_topk_ids: Tensor | None = None,
+    teacher_topk_logprobs: Tensor | None = None,
+    teacher_weights=None,
 ) -> Tensor:
     """Fused knowledge-distillation loss between student and teacher distributions.
 
@@ -115,12 +118,26 @@ def kd_loss(
     counted positions; 0 if none), "sum", "none" (shape ``student_logits.shape[:-1]``);
     ``normalizer`` replaces the denominator. Returns float32 (float64 for float64 inputs).
     Gradients reach student_logits and, when they require grad, teacher_logits / teacher_probs.
+
+    Other teachers (see docs/scale.md; torch backend math, float64 references in
+    kdkernels.reference):
+
+    - ensemble: ``teacher_logits`` a list/tuple of K tensors (..., V), ``teacher_weights`` K
+      non-negative numbers (default uniform, normalised to sum 1); p = sum_k w_k softmax(t_k / T).
+      Any backend. The teachers get no gradient (a teacher that requires grad is an error).
+    - offline top-k: ``teacher_topk_ids`` (..., k) integer ids (distinct per row) and
+      ``teacher_topk_logprobs`` (..., k) float log-probabilities (e.g. from
+      :func:`kdkernels.topk_teacher`); p_i = softmax(logprobs / T)_i on the k ids, 0 elsewhere.
+      divergence "kl", "soft_ce" or "jsd" with beta < 1; "reverse_kl" (and jsd with beta = 1) is
+      a ValueError, since KL(q||p) is infinite wherever q has mass outside the k ids. Backend
+      "torch" ("auto" picks it). Gradients reach teacher_topk_logprobs when it requires grad.
     """
     opts = check_options(temperature=temperature, divergence=divergence, beta=beta,
                          soft_weight=soft_weight, hard_weight=hard_weight, t_squared=t_squared,
                          ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
                          backend=backend)
-    return _kd_loss(student_logits, teacher_logits, labels, teacher_probs, opts)
+    return _kd_loss(student_logits, teacher_logits, labels, teacher_probs, opts,
+                    teacher_topk_ids, teacher_topk_logprobs, teacher_weights)
 
 
 def _check_tensors(student_logits, teacher_logits, labels, teacher_probs, opts):
@@ -139,6 +156,15 @@ def _check_tensors(student_logits, teacher_logits, labels, teacher_probs, opts):
     V = s.shape[-1]
     if V == 0:
         raise ValueError("student_logits has an empty vocabulary dimension (V = 0)")
+    _check_labels(labels, s, opts)
+    norm = opts["normalizer"]
+    if isinstance(norm, Tensor) and norm.device != s.device and norm.device.type != "cpu":
+        raise ValueError(f"normalizer is on {norm.device} but student_logits is on {s.device}")
+    return s, t
+
+
+def _check_labels(labels, s, opts):
+    V = s.shape[-1]
     if labels is not None:
         if not isinstance(labels, Tensor):
             raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
@@ -158,13 +184,16 @@ def _check_tensors(student_logits, teacher_logits, labels, teacher_probs, opts):
                                  f"got {labels[bad].flatten()[0].item()}")
     elif opts["hard_weight"] > 0:
         raise ValueError("hard_weight > 0 needs labels")
-    norm = opts["normalizer"]
-    if isinstance(norm, Tensor) and norm.device != s.device and norm.device.type != "cpu":
-        raise ValueError(f"normalizer is on {norm.device} but student_logits is on {s.device}")
-    return s, t
 
 
-def _kd_loss(student_logits, teacher_logits, labels, teacher_probs, opts):
+def _kd_loss(student_logits, teacher_logits, labels, teacher_probs, opts,
+             topk_ids=None, topk_logprobs=None, teacher_weights=None):
+    if (isinstance(teacher_logits, (list, tuple)) or teacher_weights is not None
+            or topk_ids is not None or topk_logprobs is not None):
+        from .teachers import kd_rows  # ensembles and top-k teachers (imports this module)
+        loss, y = kd_rows(student_logits, teacher_logits, labels, teacher_probs, opts,
+                          topk_ids, topk_logprobs, teacher_weights)
+        return _reduce(loss, y, student_logits.shape[:-1], opts)
     s, t = _check_tensors(student_logits, teacher_logits, labels, teacher_probs, opts)
     float64 = torch.float64 in (s.dtype, t.dtype)
     backend = resolve(opts["backend"], s.device, float64=float64)
@@ -179,6 +208,11 @@ def _kd_loss(student_logits, teacher_logits, labels, teacher_probs, opts):
     loss, _, _ = ops.kd_fused(_rows(s), _rows(t), y, teacher_probs is not None, T,
                               DIVERGENCES.index(divergence), beta, soft_scale, opts["hard_weight"],
                               opts["ignore_index"], teacher_grad, backend)
+    return _reduce(loss, y, lead, opts)
+
+
+def _reduce(loss, y, lead, opts):
+    """Per-row loss [N] -> the requested reduction (y: flat labels or None)."""
     reduction, norm = opts["reduction"], opts["normalizer"]
     if reduction == "none":
         return loss.view(lead)
@@ -196,7 +230,8 @@ def _kd_loss(student_logits, teacher_logits, labels, teacher_probs, opts):
 class KDLoss(nn.Module):
     """nn.Module form of :func:`kd_loss`; the keyword arguments are validated once here.
 
-    forward(student_logits, teacher_logits=None, labels=None, *, teacher_probs=None)
+    forward(student_logits, teacher_logits=None, labels=None, *, teacher_probs=None,
+            teacher_topk_ids=None, teacher_topk_logprobs=None, teacher_weights=None)
     """
 
     def __init__(self, *, temperature=1.0, divergence="kl", beta=0.5, soft_weight=1.0,
@@ -208,8 +243,10 @@ class KDLoss(nn.Module):
             hard_weight=hard_weight, t_squared=t_squared, ignore_index=ignore_index,
             reduction=reduction, normalizer=normalizer, backend=backend)
 
-    def forward(self, student_logits, teacher_logits=None, labels=None, *, teacher_probs=None):
-        return _kd_loss(student_logits, teacher_logits, labels, teacher_probs, self.options)
+    def forward(self, student_logits, teacher_logits=None, labels=None, *, teacher_probs=None,
+                teacher_topk_ids=None, teacher_topk_logprobs=None, teacher_weights=None):
+        return _kd_loss(student_logits, teacher_logits, labels, teacher_probs, self.options,
+                        teacher_topk_ids, teacher_topk_logprobs, teacher_weights)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

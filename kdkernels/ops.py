@@ -126,3 +126,149 @@ def _sm_backward(ctx, grad_y):
 
 
 torch.library.register_autograd("kdkernels::tempered_softmax", _sm_backward, setup_context=_sm_setup_context)
+
+
+# ---- scale-out ops (teacher ensembles, offline top-k teachers, fused lm_head) ----------------
+# Same contract as kd_fused: the forward computes the gradients, backward scales them.
+
+@torch.library.custom_op("kdkernels::kd_ensemble_fused", mutates_args=())
+def kd_ensemble_fused(
+    student: Tensor,            # [N, V], last dim contiguous
+    teachers: list[Tensor],     # K x [N, V] logits, last dim contiguous
+    weights: list[float],       # K mixture weights, non-negative, summing to 1
+    labels: Optional[Tensor],   # [N] int64 or None
+    temperature: float,
+    divergence: int,
+    beta: float,
+    soft_scale: float,
+    hard_weight: float,
+    ignore_index: int,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """Per-row loss [N] and d loss_row / d student [N, V] against p = sum_k w_k softmax(t_k / T)."""
+    from .backends.chunked import ensemble_forward
+    return ensemble_forward(backend, student, teachers, weights, labels, temperature=temperature,
+                            divergence=divergence, beta=beta, soft_scale=soft_scale,
+                            hard_weight=hard_weight, ignore_index=ignore_index)
+
+
+@kd_ensemble_fused.register_fake
+def _(student, teachers, weights, labels, temperature, divergence, beta, soft_scale, hard_weight,
+      ignore_index, backend):
+    f64 = any(t.dtype == torch.float64 for t in [student, *teachers])
+    loss = student.new_empty((student.shape[0],), dtype=torch.float64 if f64 else torch.float32)
+    return loss, torch.empty_like(student, memory_format=torch.contiguous_format)
+
+
+def _ens_setup_context(ctx, inputs, output):
+    ctx.n_teachers = len(inputs[1])
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _ens_backward(ctx, grad_loss, _grad_gs):
+    (grad_s,) = ctx.saved_tensors
+    mul = torch.Tensor.mul_ if _eager(grad_s) else torch.mul
+    gs = mul(grad_s, grad_loss.unsqueeze(-1)) if ctx.needs_input_grad[0] else None
+    return (gs, [None] * ctx.n_teachers) + (None,) * 9
+
+
+torch.library.register_autograd("kdkernels::kd_ensemble_fused", _ens_backward, setup_context=_ens_setup_context)
+
+
+@torch.library.custom_op("kdkernels::kd_topk_fused", mutates_args=())
+def kd_topk_fused(
+    student: Tensor,            # [N, V], last dim contiguous
+    ids: Tensor,                # [N, k] int64, distinct per row, in [0, V)
+    logprobs: Tensor,           # [N, k] teacher log-probabilities at ids (T = 1)
+    labels: Optional[Tensor],   # [N] int64 or None
+    temperature: float,
+    divergence: int,            # kl, soft_ce or jsd
+    beta: float,
+    soft_scale: float,
+    hard_weight: float,
+    ignore_index: int,
+    teacher_grad: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row loss [N], d loss_row / d student [N, V], d loss_row / d logprobs [N, k] (or [0])."""
+    return module(backend).kd_topk_forward(
+        student, ids, logprobs, labels, temperature=temperature, divergence=divergence, beta=beta,
+        soft_scale=soft_scale, hard_weight=hard_weight, ignore_index=ignore_index,
+        teacher_grad=teacher_grad)
+
+
+@kd_topk_fused.register_fake
+def _(student, ids, logprobs, labels, temperature, divergence, beta, soft_scale, hard_weight,
+      ignore_index, teacher_grad, backend):
+    loss = student.new_empty((student.shape[0],), dtype=_loss_dtype(student, logprobs))
+    grad_t = logprobs.new_empty(logprobs.shape if teacher_grad else (0,))
+    return loss, torch.empty_like(student, memory_format=torch.contiguous_format), grad_t
+
+
+def _topk_backward(ctx, grad_loss, _grad_gs, _grad_gt):
+    grad_s, grad_t = ctx.saved_tensors
+    scale = grad_loss.unsqueeze(-1)
+    mul = torch.Tensor.mul_ if _eager(grad_s) else torch.mul
+    gs = mul(grad_s, scale) if ctx.needs_input_grad[0] else None
+    gt = mul(grad_t, scale) if ctx.teacher_grad and ctx.needs_input_grad[2] else None
+    return (gs, None, gt) + (None,) * 9
+
+
+torch.library.register_autograd("kdkernels::kd_topk_fused", _topk_backward, setup_context=_kd_setup_context)
+
+
+@torch.library.custom_op("kdkernels::fused_linear_kd", mutates_args=())
+def fused_linear_kd(
+    hidden: Tensor,             # [N, H_s] student hidden states
+    weight: Tensor,             # [V, H_s] student lm_head weight
+    bias: Optional[Tensor],     # [V] or None
+    t_hidden: Tensor,           # [N, H_t] teacher hidden states
+    t_weight: Tensor,           # [V, H_t]
+    t_bias: Optional[Tensor],   # [V] or None
+    labels: Optional[Tensor],   # [N] int64 or None
+    temperature: float,
+    divergence: int,
+    beta: float,
+    soft_scale: float,
+    hard_weight: float,
+    ignore_index: int,
+    chunk_size: int,            # rows of logits alive at a time
+    compute_grads: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Summed loss (0-d, float32/64) and its gradients w.r.t. hidden, weight and bias ([0] if absent
+    or compute_grads is False); the (N, V) logits never exist."""
+    from .backends.chunked import fused_linear_forward
+    return fused_linear_forward(
+        backend, hidden, weight, bias, t_hidden, t_weight, t_bias, labels, chunk_size=chunk_size,
+        compute_grads=compute_grads, temperature=temperature, divergence=divergence, beta=beta,
+        soft_scale=soft_scale, hard_weight=hard_weight, ignore_index=ignore_index)
+
+
+@fused_linear_kd.register_fake
+def _(hidden, weight, bias, t_hidden, t_weight, t_bias, labels, temperature, divergence, beta,
+      soft_scale, hard_weight, ignore_index, chunk_size, compute_grads, backend):
+    total = hidden.new_empty((), dtype=_loss_dtype(hidden, t_hidden))
+    if not compute_grads:
+        return total, hidden.new_empty((0,)), weight.new_empty((0,)), weight.new_empty((0,))
+    grad_b = weight.new_empty((weight.shape[0],) if bias is not None else (0,))
+    return total, hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_b
+
+
+def _fl_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*output[1:])
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _fl_backward(ctx, grad_total, _gh, _gw, _gb):
+    grad_h, grad_w, grad_b = ctx.saved_tensors
+    mul = torch.Tensor.mul_ if _eager(grad_h) else torch.mul
+    need = ctx.needs_input_grad
+    gh = mul(grad_h, grad_total) if need[0] else None
+    gw = mul(grad_w, grad_total) if need[1] else None
+    gb = mul(grad_b, grad_total) if need[2] else None
+    return (gh, gw, gb) + (None,) * 13
+
+
+torch.library.register_autograd("kdkernels::fused_linear_kd", _fl_backward, setup_context=_fl_setup_context)

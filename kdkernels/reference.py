@@ -17,7 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["kd_loss", "tempered_softmax", "tempered_log_softmax", "divergence_rows", "teacher_log_probs"]
+__all__ = ["kd_loss", "tempered_softmax", "tempered_log_softmax", "divergence_rows", "teacher_log_probs",
+           "ensemble_log_probs", "kd_loss_ensemble", "kd_loss_topk", "fused_linear_kd_loss"]
 
 
 def tempered_log_softmax(x: torch.Tensor, temperature: float, dim: int = -1) -> torch.Tensor:
@@ -107,3 +108,43 @@ def kd_loss(
     if reduction == "sum":
         return total
     return total / max(int(count), 1)
+
+
+# ---- scale-out references: ensembles, offline top-k teachers, fused lm_head ----------------
+
+def ensemble_log_probs(teacher_logits, teacher_weights=None, temperature: float = 1.0) -> torch.Tensor:
+    """log p, p = sum_k w_k softmax(t_k / T) in float64 (weights normalised, default uniform)."""
+    K = len(teacher_logits)
+    w = torch.tensor([1.0] * K if teacher_weights is None else [float(x) for x in teacher_weights],
+                     dtype=torch.float64)
+    w = w / w.sum()
+    p = sum(wk * torch.softmax(t.double() / temperature, dim=-1) for wk, t in zip(w, teacher_logits))
+    return _safe_log(p)
+
+
+def kd_loss_ensemble(student_logits, teacher_logits, labels=None, *, teacher_weights=None,
+                     temperature=1.0, **kwargs):
+    """Float64 kd_loss against the teacher mixture; other arguments as in :func:`kd_loss`."""
+    log_p = ensemble_log_probs(teacher_logits, teacher_weights, temperature)
+    # log_softmax(T * log p / T) = log p: the mixture enters kd_loss as teacher logits.
+    return kd_loss(student_logits, temperature * log_p, labels, temperature=temperature, **kwargs)
+
+
+def kd_loss_topk(student_logits, teacher_topk_ids, teacher_topk_logprobs, labels=None, **kwargs):
+    """Float64 kd_loss against a top-k teacher: the k log-probabilities scattered into an
+    all -inf row (p = 0 off the k ids), then tempered and renormalised like any logits."""
+    lp = teacher_topk_logprobs.double()
+    dense = torch.full((*lp.shape[:-1], student_logits.shape[-1]), -math.inf, dtype=torch.float64,
+                       device=lp.device)
+    dense = dense.scatter(-1, teacher_topk_ids.long(), lp)
+    return kd_loss(student_logits, dense, labels, **kwargs)
+
+
+def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
+                         student_bias=None, teacher_bias=None, **kwargs):
+    """Float64 kd_loss of the two lm_head outputs h W^T + b; arguments as in kdkernels.fused_linear_kd_loss."""
+    s = F.linear(student_hidden.double(), student_weight.double(),
+                 None if student_bias is None else student_bias.double())
+    t = F.linear(teacher_hidden.double(), teacher_weight.double(),
+                 None if teacher_bias is None else teacher_bias.double())
+    return kd_loss(s, t, labels, **kwargs)

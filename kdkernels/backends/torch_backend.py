@@ -159,3 +159,73 @@ def softmax_backward(y: torch.Tensor, grad_y: torch.Tensor, temperature: float, 
             gx = ys * (gs - (gs * ys).sum(-1, keepdim=True))
         out[a:a + step] = gx * (1.0 / temperature)
     return out
+
+
+def kd_topk_forward(student, ids, logprobs, labels, *, temperature, divergence, beta, soft_scale,
+                    hard_weight, ignore_index, teacher_grad):
+    """Fused per-row loss and gradients against an offline top-k teacher (kdkernels.ops.kd_topk_fused).
+
+    The teacher is p_i = softmax(logprobs / T)_i over the k entries of a row (ids distinct), 0 on
+    every other vocabulary entry; the student keeps its full-vocabulary softmax q. Supports
+    "kl", "soft_ce" and "jsd" (reverse_kl is infinite whenever q has mass outside the k ids).
+    """
+    N, V = student.shape
+    acc = _acc_dtype(student, logprobs)
+    dev = student.device
+    loss = torch.empty(N, dtype=acc, device=dev)
+    grad_s = torch.empty(student.shape, dtype=student.dtype, device=dev)
+    grad_t = torch.empty(logprobs.shape if teacher_grad else (0,), dtype=logprobs.dtype, device=dev)
+    inv_t = 1.0 / temperature
+    g_scale = soft_scale * inv_t
+    name = DIVERGENCES[divergence]
+    step = _rows_per_chunk(V)
+    for a in range(0, N, step):
+        b = min(N, a + step)
+        s = student[a:b].to(acc)
+        idx = ids[a:b]
+        log_q, q = _log_softmax_stats(s * inv_t)
+        log_p, p = _log_softmax_stats(logprobs[a:b].to(acc) * inv_t)  # over the k entries
+        lq, qk = log_q.gather(-1, idx), q.gather(-1, idx)
+        dS = q
+        if name in ("kl", "soft_ce"):
+            if name == "kl":
+                D = _mul0(p, log_p - lq).sum(-1, keepdim=True)
+                dT = _mul0(p, log_p - lq - D)
+            else:
+                D = -_mul0(p, lq).sum(-1, keepdim=True)
+                dT = -_mul0(p, lq + D)
+            dS.scatter_add_(-1, idx, -p)
+        elif name == "jsd":
+            # Outside the k ids p = 0, so m = (1 - beta) q and log(q / m) = -log(1 - beta) there.
+            c = -math.log1p(-beta)
+            log_m = torch.logaddexp(log_p + math.log(beta), lq - c)
+            rp, rq = log_p - log_m, lq - log_m
+            q_out = q.scatter(-1, idx, 0.0).sum(-1, keepdim=True)
+            kl_pm = _mul0(p, rp).sum(-1, keepdim=True)
+            kl_qm = _mul0(qk, rq).sum(-1, keepdim=True) + c * q_out
+            D = beta * kl_pm + (1 - beta) * kl_qm
+            dS.mul_(c - kl_qm).mul_(1 - beta)
+            dS.scatter_(-1, idx, (1 - beta) * _mul0(qk, rq - kl_qm))
+            dT = beta * _mul0(p, rp - kl_pm)
+        else:  # the API rejects reverse_kl for top-k teachers
+            raise ValueError(f"divergence {name!r} is not defined for top-k teachers")
+        row_loss = soft_scale * D.squeeze(-1)
+        dS.mul_(g_scale)
+        if labels is not None:
+            y = labels[a:b]
+            ignored = y == ignore_index
+            bad = ((y < 0) | (y >= V)) & ~ignored
+            y_safe = torch.where(ignored | bad, 0, y).unsqueeze(-1)
+            if hard_weight != 0:
+                log_sm, sm = _log_softmax_stats(s)
+                row_loss = row_loss - hard_weight * log_sm.gather(-1, y_safe).squeeze(-1)
+                dS.add_(sm, alpha=hard_weight)
+                dS.scatter_add_(-1, y_safe, torch.full_like(y_safe, -hard_weight, dtype=acc))
+            row_loss = row_loss.masked_fill(bad, math.nan).masked_fill(ignored, 0.0)
+            dS.masked_fill_(bad.unsqueeze(-1), math.nan).masked_fill_(ignored.unsqueeze(-1), 0.0)
+            dT = dT.masked_fill(ignored.unsqueeze(-1), 0.0)
+        loss[a:b] = row_loss
+        grad_s[a:b] = dS
+        if teacher_grad:
+            grad_t[a:b] = dT * g_scale
+    return loss, grad_s, grad_t

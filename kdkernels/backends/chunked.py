@@ -1,0 +1,106 @@
+"""Backend-agnostic composites: any backend's kd_forward run over row chunks.
+
+Two features need a per-chunk step before the fused KD kernel and would
+otherwise materialise an (N, V) tensor:
+
+- teacher ensembles: the mixture log p = logsumexp_k(log w_k + log_softmax(t_k / T))
+  is built one chunk of rows at a time and handed to kd_forward as teacher
+  logits T * log p (so that the kernel's own log_softmax(t / T) gives back log p);
+- fused lm_head + KD: both logit chunks are computed from the hidden states and the
+  weights, and the student logit gradient of a chunk is folded straight into the
+  hidden-state, weight and bias gradients.
+
+Only (chunk, V) temporaries exist, and every backend's kd_forward serves as is.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import module
+
+# Elements of one (rows, V) float32 work chunk: small on CPUs (cache-sized buffers), large on
+# GPUs (few launches, GEMMs big enough to saturate the device).
+_CHUNK_ELEMS = {"cpu": 1 << 20}
+_GPU_CHUNK_ELEMS = 1 << 24
+
+
+def rows_per_chunk(V: int, device: torch.device) -> int:
+    return max(1, _CHUNK_ELEMS.get(device.type, _GPU_CHUNK_ELEMS) // max(V, 1))
+
+
+def _acc_dtype(*tensors) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def mixture_log_probs(teachers, weights, temperature: float, acc: torch.dtype) -> torch.Tensor:
+    """log(sum_k w_k softmax(t_k / T)) of one chunk of rows, in `acc` (weights sum to 1)."""
+    out = None
+    for t, w in zip(teachers, weights):
+        if w == 0:
+            continue
+        x = torch.log_softmax(t.to(acc) * (1.0 / temperature), -1).add_(math.log(w))
+        out = x if out is None else torch.logaddexp(out, x, out=out)
+    return out
+
+
+def ensemble_forward(backend, student, teachers, weights, labels, *, temperature, divergence, beta,
+                     soft_scale, hard_weight, ignore_index):
+    """(loss [N], grad_s [N, V]) of kd_forward against the weighted teacher mixture."""
+    N, V = student.shape
+    acc = _acc_dtype(student, *teachers)
+    loss = torch.empty(N, dtype=acc, device=student.device)
+    grad_s = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    fwd = module(backend).kd_forward
+    step = rows_per_chunk(V, student.device)
+    for a in range(0, N, step):
+        b = min(N, a + step)
+        t = mixture_log_probs([t[a:b] for t in teachers], weights, temperature, acc).mul_(temperature)
+        l, g, _ = fwd(student[a:b], t, None if labels is None else labels[a:b], teacher_is_probs=False,
+                      temperature=temperature, divergence=divergence, beta=beta, soft_scale=soft_scale,
+                      hard_weight=hard_weight, ignore_index=ignore_index, teacher_grad=False)
+        loss[a:b] = l
+        grad_s[a:b] = g
+    return loss, grad_s
+
+
+def fused_linear_forward(backend, hidden, weight, bias, t_hidden, t_weight, t_bias, labels, *,
+                         chunk_size, compute_grads, temperature, divergence, beta, soft_scale,
+                         hard_weight, ignore_index):
+    """Summed loss (0-d) and the gradients of hidden [N, H], weight [V, H] and bias [V] (or [0]).
+
+    Per chunk of rows: s = h W^T + b and t = h_t W_t^T + b_t in the input dtype (the matmul
+    accumulates in float32), kd_forward on (s, t), then grad_h = g W and grad_W += g^T h, with
+    grad_W / grad_b accumulated in float32 (float64 for float64 weights).
+    """
+    N = hidden.shape[0]
+    V = weight.shape[0]
+    acc = _acc_dtype(hidden, t_hidden)
+    fwd = module(backend).kd_forward
+    total = torch.zeros((), dtype=acc, device=hidden.device)
+    w_acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    grad_h = torch.empty(hidden.shape if compute_grads else (0,), dtype=hidden.dtype, device=hidden.device)
+    grad_w = torch.zeros(weight.shape if compute_grads else (0,), dtype=w_acc, device=weight.device)
+    grad_b = torch.zeros((V,) if compute_grads and bias is not None else (0,), dtype=w_acc, device=weight.device)
+    for a in range(0, N, chunk_size):
+        b = min(N, a + chunk_size)
+        h = hidden[a:b]
+        s = torch.nn.functional.linear(h, weight, bias)
+        t = torch.nn.functional.linear(t_hidden[a:b], t_weight, t_bias)
+        loss, g, _ = fwd(s, t, None if labels is None else labels[a:b], teacher_is_probs=False,
+                         temperature=temperature, divergence=divergence, beta=beta, soft_scale=soft_scale,
+                         hard_weight=hard_weight, ignore_index=ignore_index, teacher_grad=False)
+        del s, t
+        total += loss.sum()
+        if not compute_grads:
+            continue
+        g = g.to(weight.dtype)
+        torch.matmul(g, weight, out=grad_h[a:b])
+        if grad_w.dtype == weight.dtype:
+            grad_w.addmm_(g.t(), h)
+        else:  # half-precision weights: the GEMM in their dtype, the running sum in float32
+            grad_w += g.t() @ h
+        if grad_b.numel():
+            grad_b += g.sum(0, dtype=w_acc)
+    return total, grad_h, grad_w.to(weight.dtype), grad_b.to(weight.dtype)

@@ -1,0 +1,146 @@
+"""lm_head + KD in one op: logits are computed a chunk of positions at a time, never as (N, V)."""
+from __future__ import annotations
+
+import numbers
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .api import _check_labels, _float_tensor, check_options
+from .backends import resolve
+from .teachers import _divergence
+
+__all__ = ["fused_linear_kd_loss", "auto_chunk_size"]
+
+
+def auto_chunk_size(N: int, V: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Rows of logits per chunk: about 32 MiB of per-chunk buffers on a CPU; on a GPU up to
+    1 GiB or an eighth of the free memory, whichever is smaller (enough rows for GEMMs to run at
+    full speed). Per row: student and teacher logits and their gradient in `dtype`, plus about
+    three float32 work rows inside the KD kernel."""
+    per_row = V * (3 * torch.empty((), dtype=dtype).element_size() + 12)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(1 << 30, free // 8)
+    else:
+        budget = 32 << 20
+    rows = max(1, budget // max(per_row, 1))
+    if rows >= 64:
+        rows -= rows % 64  # whole GEMM tiles
+    return int(min(max(N, 1), rows))
+
+
+def fused_linear_kd_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    labels: Tensor | None = None,
+    *,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    chunk_size: int | None = None,
+    temperature: float = 1.0,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    soft_weight: float = 1.0,
+    hard_weight: float = 0.0,
+    t_squared: bool = True,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalizer=None,
+    backend: str = "auto",
+) -> Tensor:
+    """kd_loss(student_hidden @ student_weight.T + student_bias, teacher_hidden @ teacher_weight.T
+    + teacher_bias, labels, ...) without ever holding the (N, V) logits.
+
+    Shapes: student_hidden (..., H_s), student_weight (V, H_s), student_bias (V,);
+    teacher_hidden (..., H_t) with the same leading shape, teacher_weight (V, H_t),
+    teacher_bias (V,); labels (...) integer. Hidden state, weight and bias of one model share a
+    float dtype. The logits of `chunk_size` positions at a time (default: auto_chunk_size) are
+    computed in the input dtype (float32 accumulation in the GEMM), the fused KD kernel of
+    ``backend`` runs on them, and the gradients of student_hidden, student_weight and
+    student_bias are accumulated in the same pass (weight/bias sums in float32); backward only
+    scales them. The teacher gets no gradient. Extra memory: O(chunk_size x V) plus the
+    gradients. The KD arguments are those of :func:`kdkernels.kd_loss`; reduction "mean" or
+    "sum" ("none" is not available: the weight gradient is summed over positions in forward).
+    Returns a 0-d float32 tensor (float64 for float64 inputs).
+    """
+    opts = check_options(temperature=temperature, divergence=divergence, beta=beta,
+                         soft_weight=soft_weight, hard_weight=hard_weight, t_squared=t_squared,
+                         ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
+                         backend=backend)
+    if opts["reduction"] == "none":
+        raise ValueError("fused_linear_kd_loss supports reduction 'mean' and 'sum', not 'none': the weight "
+                         "gradient is summed over positions during the forward pass")
+    h = _float_tensor("student_hidden", student_hidden)
+    th = _float_tensor("teacher_hidden", teacher_hidden)
+    w = _matrix("student_weight", student_weight, h, "student_hidden")
+    tw = _matrix("teacher_weight", teacher_weight, th, "teacher_hidden")
+    if h.shape[:-1] != th.shape[:-1]:
+        raise ValueError(f"student_hidden and teacher_hidden have different leading shapes: "
+                         f"{tuple(h.shape)} vs {tuple(th.shape)}")
+    V = w.shape[0]
+    if tw.shape[0] != V:
+        raise ValueError(f"student_weight and teacher_weight have different vocabulary sizes: {V} vs {tw.shape[0]}")
+    if V == 0:
+        raise ValueError("student_weight has an empty vocabulary dimension (V = 0)")
+    b = _bias("student_bias", student_bias, w, "student_weight")
+    tb = _bias("teacher_bias", teacher_bias, tw, "teacher_weight")
+    for name, x in (("teacher_hidden", th), ("student_weight", w), ("teacher_weight", tw)):
+        if x.device != h.device:
+            raise ValueError(f"{name} is on {x.device} but student_hidden is on {h.device}")
+    lead = h.shape[:-1]
+    # the logits' shape and device, for the shared label checks (they never exist as a tensor)
+    _check_labels(labels, SimpleNamespace(shape=torch.Size(lead + (V,)), device=h.device), opts)
+    N = h[..., 0].numel()
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(N, V, h.dtype, h.device)
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    float64 = torch.float64 in (h.dtype, th.dtype)
+    backend = resolve(opts["backend"], h.device, float64=float64)
+    code, beta = _divergence(opts)
+    T = opts["temperature"]
+    soft_scale = opts["soft_weight"] * (T * T if opts["t_squared"] else 1.0)
+    y = None if labels is None else labels.reshape(-1).long()
+    needs = [x is not None and x.requires_grad for x in (h, w, b)]
+    compute_grads = torch.is_grad_enabled() and any(needs)
+    total, _, _, _ = ops.fused_linear_kd(
+        h.reshape(-1, h.shape[-1]), w, b, th.detach().reshape(-1, th.shape[-1]), tw.detach(),
+        None if tb is None else tb.detach(), y, T, code, beta, soft_scale, opts["hard_weight"],
+        opts["ignore_index"], int(chunk_size), compute_grads, backend)
+    norm = opts["normalizer"]
+    if norm is not None:
+        return total / (norm.to(device=total.device, dtype=total.dtype) if isinstance(norm, Tensor) else norm)
+    if opts["reduction"] == "sum":
+        return total
+    if y is None:
+        return total / max(N, 1)
+    count = (y != opts["ignore_index"]).sum().clamp_(min=1)  # a tensor: no host sync
+    return total / count.to(total.dtype)
+
+
+def _matrix(name, x, hidden, hidden_name):
+    x = _float_tensor(name, x)
+    if x.dim() != 2 or x.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{name} must have shape (V, {hidden.shape[-1]}) ({hidden_name}.shape[-1] columns), "
+                         f"got {tuple(x.shape)}")
+    if x.dtype != hidden.dtype:
+        raise TypeError(f"{name} ({x.dtype}) and {hidden_name} ({hidden.dtype}) must have the same dtype")
+    return x
+
+
+def _bias(name, b, weight, weight_name):
+    if b is None:
+        return None
+    b = _float_tensor(name, b)
+    if b.shape != (weight.shape[0],):
+        raise ValueError(f"{name} must have shape ({weight.shape[0]},), got {tuple(b.shape)}")
+    if b.dtype != weight.dtype:
+        raise TypeError(f"{name} ({b.dtype}) and {weight_name} ({weight.dtype}) must have the same dtype")
+    if b.device != weight.device:
+        raise ValueError(f"{name} is on {b.device} but {weight_name} is on {weight.device}")
+    return b
