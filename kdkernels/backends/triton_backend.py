@@ -1,0 +1,208 @@
+"""Triton backend: fused KD loss + gradient in one kernel family, tempered (log-)softmax.
+
+Runs on CUDA devices, and on the CPU under the Triton interpreter (TRITON_INTERPRET=1,
+which must be set before Triton is imported; the kernels module is imported lazily).
+
+Launch plan (docs/triton.md has the cost model):
+
+* N rows >= what fills the device, or V small: one program per row (PHASE 0).
+  V <= ONE_BLOCK_MAX keeps the row in registers: one read, 2 exps per element (kl).
+  Otherwise two streaming passes over the row (statistics, then loss + gradient),
+  three when the gradient needs the row's divergence first (reverse_kl, jsd,
+  teacher gradients).
+* Few rows and a large vocabulary: the vocabulary is split across programs. Pass 1
+  writes per-(row, split) (max, sum) statistics to an [N, splits, 6] float32 buffer;
+  every pass-2 program combines its row's statistics itself (no separate combine
+  launch, no atomics), writes its gradient span and a loss partial; the partials
+  ([N, splits]) are summed in a fixed order. Deterministic.
+
+Extra memory: the gradients plus O(N * splits) float32 -- no (N, V) float32 buffer.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from . import DIVERGENCES
+
+NAME = "triton"
+
+# The block rule, written once (docs/triton.md says why these numbers).
+ONE_BLOCK_MAX = 8192      # a row up to this many columns stays in registers
+LOOP_BLOCK = 4096         # columns per step of a streaming pass
+MIN_SPLIT_BLOCKS = 4      # a vocab split streams at least this many blocks
+PROGRAMS_PER_SM = 4       # programs wanted in flight per SM before splitting rows
+_INTERPRETER_SMS = 4      # "SMs" assumed by the CPU interpreter (only shapes the split rule)
+
+# Test hook: overrides for the constants above (lower-case names) and `poison=True` to
+# fill every output with NaN before the kernel writes it. Use `tuning(...)`.
+_TUNING: dict = {}
+
+
+@contextlib.contextmanager
+def tuning(**overrides):
+    """Temporarily override the block rule (one_block_max, loop_block, min_split_blocks,
+    programs_per_sm, sms) or set poison=True; for tests and benchmarks."""
+    old = dict(_TUNING)
+    _TUNING.update(overrides)
+    try:
+        yield
+    finally:
+        _TUNING.clear()
+        _TUNING.update(old)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def available(device: torch.device) -> str | None:
+    """None if this backend runs on `device`, else the reason it cannot (never raises)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        if not _interpreting():
+            return "Triton runs on CUDA devices (or on the CPU with TRITON_INTERPRET=1 set before Triton is imported)"
+    elif device.type != "cuda":
+        return f"Triton runs on CUDA devices, not {device.type}"
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"triton is not importable ({exc.__class__.__name__}: {exc})"
+    return None
+
+
+def _kernels():
+    from . import triton_kernels
+    return triton_kernels
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block: int          # columns per step (power of 2)
+    splits: int         # vocab splits per row (1: one program per row)
+    span: int           # columns per split (multiple of block; V when splits == 1)
+    one_block: bool     # whole row in registers
+    num_warps: int
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _sm_count(device: torch.device) -> int:
+    if "sms" in _TUNING:
+        return _TUNING["sms"]
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _INTERPRETER_SMS
+
+
+def launch_config(N: int, V: int, device: torch.device) -> LaunchConfig:
+    """The block rule: one place decides block size, vocab splits and warps."""
+    one_max = _TUNING.get("one_block_max", ONE_BLOCK_MAX)
+    if V <= one_max:
+        block = max(16, _next_pow2(V))
+        return LaunchConfig(block, 1, V, True, min(16, max(1, block // 512)))
+    block = _TUNING.get("loop_block", LOOP_BLOCK)
+    min_blocks = _TUNING.get("min_split_blocks", MIN_SPLIT_BLOCKS)
+    want = _TUNING.get("programs_per_sm", PROGRAMS_PER_SM) * _sm_count(device)
+    splits = 1
+    if N < want:
+        splits = max(1, min(-(-want // N), V // (block * min_blocks)))
+    if splits > 1:
+        span = -(-(-(-V // splits)) // block) * block  # ceil(V / splits) rounded up to a block
+        splits = -(-V // span)
+    span = span if splits > 1 else V
+    return LaunchConfig(block, splits, span, False, min(16, max(4, block // 512)))
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    if _TUNING.get("poison"):
+        return torch.full(shape, math.nan, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def kd_forward(student, teacher, labels, *, teacher_is_probs, temperature, divergence, beta,
+               soft_scale, hard_weight, ignore_index, teacher_grad):
+    """Fused per-row loss and gradients (the contract of kdkernels.ops.kd_fused)."""
+    grad_s = _empty(student.shape, student.dtype, student.device)
+    loss, grad_t = kd_forward_into(
+        student, teacher, labels, grad_s, teacher_is_probs=teacher_is_probs,
+        temperature=temperature, divergence=divergence, beta=beta, soft_scale=soft_scale,
+        hard_weight=hard_weight, ignore_index=ignore_index, teacher_grad=teacher_grad)
+    return loss, grad_s, grad_t
+
+
+def kd_forward_into(student, teacher, labels, grad_s, *, teacher_is_probs, temperature, divergence,
+                    beta, soft_scale, hard_weight, ignore_index, teacher_grad):
+    """kd_forward writing d loss_row / d student into `grad_s` ([N, V], student.dtype, last-dim
+    stride 1). `grad_s` may be `student` itself (in-place mode: the logits are consumed; every
+    element is read before its gradient overwrites it). Returns (loss [N] float32, grad_t)."""
+    N, V = student.shape
+    dev = student.device
+    grad_t = _empty(teacher.shape if teacher_grad else (0,), teacher.dtype, dev)
+    if N == 0:
+        return torch.zeros(0, dtype=torch.float32, device=dev), grad_t
+    K = _kernels()
+    cfg = launch_config(N, V, dev)
+    name = DIVERGENCES[divergence]
+    jsd = name == "jsd"
+    uses_r1, uses_r2 = name != "reverse_kl", name in ("reverse_kl", "jsd")
+    w1 = beta if jsd else float(uses_r1)
+    w2 = 1.0 - beta if jsd else float(uses_r2)
+    log_b1 = math.log(beta) if jsd else 0.0
+    log_b2 = math.log1p(-beta) if jsd else 0.0
+    need_d = uses_r2 or (teacher_grad and uses_r1)
+    has_hard = labels is not None and hard_weight != 0
+    f32 = dict(dtype=torch.float32, device=dev)
+    loss = _empty((N, cfg.splits), torch.float32, dev)
+    stats = _empty((N, cfg.splits, 6), **f32) if cfg.splits > 1 else loss
+    dsum = _empty((N, cfg.splits, 2), **f32) if cfg.splits > 1 and need_d else loss
+    gt = grad_t if teacher_grad else grad_s  # never written when teacher_grad is False
+    args = (student, teacher, labels if labels is not None else loss, loss, grad_s, gt, stats, dsum,
+            V, student.stride(0), teacher.stride(0), grad_s.stride(0), gt.stride(0), cfg.splits,
+            cfg.span, 1.0 / temperature, log_b1, log_b2, w1, w2, soft_scale,
+            soft_scale / temperature, hard_weight, ignore_index)
+    flags = dict(BLOCK=cfg.block, ONE_BLOCK=cfg.one_block, SPLITS_P2=_next_pow2(cfg.splits),
+                 DIV=divergence, TEACHER_PROBS=teacher_is_probs, HAS_LABELS=labels is not None,
+                 HAS_HARD=has_hard, HARD_SEP=has_hard and temperature != 1.0,
+                 TEACHER_GRAD=teacher_grad, NEED_D=need_d, num_warps=cfg.num_warps,
+                 STATIC_SPAN=cfg.span if _interpreting() else 0)
+    if cfg.splits == 1:
+        K._kd_fwd_bwd_kernel[(N, 1)](*args, PHASE=0, **flags)
+        return loss.view(N), grad_t
+    phases = (1, 2, 3) if need_d else (1, 3)
+    for phase in phases:
+        K._kd_fwd_bwd_kernel[(N, cfg.splits)](*args, PHASE=phase, **flags)
+    return loss.sum(1), grad_t
+
+
+def softmax_forward(x: torch.Tensor, temperature: float, log: bool) -> torch.Tensor:
+    """softmax(x / T) or log_softmax(x / T) over the last dim of a 2-D tensor, in x.dtype."""
+    N, V = x.shape
+    out = _empty(x.shape, x.dtype, x.device)
+    if N == 0 or V == 0:
+        return out
+    cfg = launch_config(N, V, x.device)  # splits unused: one program per row
+    _kernels()._softmax_fwd_kernel[(N,)](
+        x, out, V, x.stride(0), out.stride(0), 1.0 / temperature,
+        LOG=log, BLOCK=cfg.block, ONE_BLOCK=cfg.one_block, num_warps=cfg.num_warps,
+        STATIC_V=V if _interpreting() else 0)
+    return out
+
+
+def softmax_backward(y: torch.Tensor, grad_y: torch.Tensor, temperature: float, log: bool) -> torch.Tensor:
+    """Gradient w.r.t. x of (log_)softmax(x / T), from its output y and the output gradient."""
+    N, V = y.shape
+    out = _empty(y.shape, y.dtype, y.device)
+    if N == 0 or V == 0:
+        return out
+    cfg = launch_config(N, V, y.device)
+    _kernels()._softmax_bwd_kernel[(N,)](
+        y, grad_y, out, V, y.stride(0), grad_y.stride(0), out.stride(0), 1.0 / temperature,
+        LOG=log, BLOCK=cfg.block, num_warps=cfg.num_warps, STATIC_V=V if _interpreting() else 0)
+    return out
