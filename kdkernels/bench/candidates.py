@@ -83,7 +83,7 @@ def build(name: str, *, divergence: str, temperature: float, beta: float):
         torch._dynamo.reset()  # fresh caches: no recompile limit across sizes, no stale graphs
         return torch.compile(composition(divergence, T, beta))
     if name == "liger":
-        from liger_kernel.transformers import LigerKLDIVLoss
+        from liger_kernel.transformers.kl_div import LigerKLDIVLoss
         loss_fn = LigerKLDIVLoss(reduction="batchmean", log_target=True)
 
         def liger(s, t):
@@ -96,6 +96,10 @@ def select(device: torch.device, divergence: str, backends=None, peers=None):
     """[(candidate, reason or None)] for the requested (default: all) backends and peers."""
     names = [PREFIX + b for b in (backends if backends is not None else BACKENDS)]
     names += list(peers if peers is not None else PEERS)
+    if torch.device(device).type == "cuda" and PREFIX + "torch" in names:
+        # The chunked PyTorch fallback is the least interesting on a GPU: last, so that a
+        # time-boxed run loses it first.
+        names.append(names.pop(names.index(PREFIX + "torch")))
     out = []
     for name in names:
         reason = why_not(name, device, divergence)

@@ -155,19 +155,20 @@ def _warmup(fn, sets, warmup: int, device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _cuda_peak_mb(fn, s, t, device) -> float:
-    """Extra device memory one forward+backward allocates beyond what exists before it."""
+def _cuda_peak_mb(fn, s, t, device):
+    """(MB one forward+backward allocates beyond what exists before it, its loss, its gradient)."""
     s.grad = None
     gc.collect()
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
-    fn(s, t).backward()
+    loss = fn(s, t)
+    loss.backward()
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - base
-    s.grad = None
-    return peak / 2**20
+    grad, s.grad = s.grad, None
+    return peak / 2**20, loss.detach(), grad
 
 
 # ------------------------------------------------------------------------ error
@@ -186,6 +187,25 @@ def probe_errors(fn, spec: dict) -> dict:
     loss.backward()
     return {"probe_N": n, "loss_err": abs(float(loss.detach().double() - ref.detach())),
             "grad_err": float((s.grad.double() - s64.grad).abs().max())}
+
+
+def full_size_errors(loss, grad, s, t, spec: dict) -> dict:
+    """Errors of a full-size run (GPU): the loss against the float64 reference summed chunk by
+    chunk over all rows, the gradient on the first and last rows (where 32-bit offsets
+    overflow first). Row gradients of a mean loss depend on their own row only, so a
+    reference over some rows (summed, divided by N) gives exactly their gradient."""
+    N, V = s.shape
+    kw = dict(temperature=spec["temperature"], divergence=spec["divergence"], beta=spec["beta"])
+    step = max(1, (1 << 26) // V)
+    with torch.no_grad():
+        ref = sum(reference.kd_loss(s[a:a + step], t[a:a + step], reduction="sum", **kw)
+                  for a in range(0, N, step)) / N
+    k = min(N, max(2, PROBE_ELEMS // V))
+    rows = torch.cat([torch.arange(k // 2), torch.arange(N - (k - k // 2), N)]).unique().to(s.device)
+    s64 = s.detach()[rows].double().requires_grad_()
+    (reference.kd_loss(s64, t[rows], reduction="sum", **kw) / N).backward()
+    return {"probe_N": int(rows.numel()), "loss_err": abs(float(loss.double() - ref)),
+            "grad_err": float((grad[rows].double() - s64.grad).abs().max())}
 
 
 # ------------------------------------------------------------------------ one candidate
@@ -219,14 +239,16 @@ def measure(spec: dict) -> dict:
     out.update(runs=len(full), fwd_ms=statistics.median(fwd), bwd_ms=statistics.median(bwd),
                full_ms=statistics.median(full), full_ms_min=min(full))
     if cuda:
-        out["peak_mb"] = _cuda_peak_mb(fn, *sets[0], device)
+        out["peak_mb"], loss, grad = _cuda_peak_mb(fn, *sets[0], device)
+        out.update(full_size_errors(loss, grad, *sets[0], spec))
+        del loss, grad, sets
+        gc.collect()
+        torch.cuda.empty_cache()
     else:
         out["peak_mb"] = max(0.0, peak_rss_mb() - base)
-    del sets
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-    out.update(probe_errors(fn, spec))
+        del sets
+        gc.collect()
+        out.update(probe_errors(fn, spec))
     return out
 
 

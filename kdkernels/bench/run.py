@@ -175,9 +175,14 @@ def main(argv=None) -> int:
     for n, why in cands:
         if why is not None:
             print(f"  skipped {n}: {why}", file=sys.stderr)
+    if not runnable:
+        print("no candidate can run here: nothing measured", file=sys.stderr)
+        return 1
     if cuda:
         meta["copy_gbps"] = measure.copy_bandwidth_gbps(device)
         print(f"  device-to-device copy: {meta['copy_gbps']:.0f} GB/s", file=sys.stderr)
+    prefix = args.out or f"bench/results/{'cpu' if not cuda else _slug(name)}-{now:%Y%m%d-%H%M%S}"
+    prefix = re.sub(r"\.(json|csv|md)$", "", prefix)
     rows = []
     progress = Progress(len(sizes) * len(runnable))
     t_start = time.perf_counter()
@@ -195,12 +200,13 @@ def main(argv=None) -> int:
             msg = (f"N={N} V={V} {cand}: {res['full_ms']:.2f} ms x{res['runs']}, peak {res['peak_mb']:.0f} MB"
                    if "error" not in res else f"N={N} V={V} {cand}: {res['error']}")
             progress.step(f"{msg} ({time.perf_counter() - t0:.0f} s)")
+            # Rewrite the files after every candidate: a run cut short by a time limit
+            # still leaves everything measured so far.
+            _derive(rows, meta["copy_gbps"])
+            meta["wall_s"] = round(time.perf_counter() - t_start, 1)
+            meta["complete"] = len(rows) == len(sizes) * len(runnable)
+            paths = report.write_all(prefix, meta, rows)
     progress.close()
-    _derive(rows, meta["copy_gbps"])
-    meta["wall_s"] = round(time.perf_counter() - t_start, 1)
-    prefix = args.out or f"bench/results/{'cpu' if not cuda else _slug(name)}-{now:%Y%m%d-%H%M%S}"
-    prefix = re.sub(r"\.(json|csv|md)$", "", prefix)
-    paths = report.write_all(prefix, meta, rows)
     if args.sweep:
         paths += report.plots(prefix, rows)
     print(f"{name}, {args.divergence}, T={args.temperature}, {dtype}"
