@@ -1,0 +1,212 @@
+// Device helpers shared by the KD and softmax kernels: dtype conversion, 16-byte packs,
+// NaN-propagating online max/sum, and deterministic block / cluster reductions.
+//
+// CUDA headers only (no torch): every .cu file compiles with nvcc alone.
+#pragma once
+
+#include <cstdint>
+
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace kdk {
+
+constexpr int kMaxThreads = 512;
+constexpr int kMaxWarps = kMaxThreads / 32;
+constexpr int kMaxVec = 8;  // elements per 16-byte pack of a 2-byte dtype; slices are multiples of it
+
+// ---- dtype conversion (explicit: torch builds define __CUDA_NO_HALF_CONVERSIONS__) ------------
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// ---- packs: VEC consecutive elements moved as one aligned access -----------------------------
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+__host__ __device__ __forceinline__ bool is_aligned(const void* p, unsigned bytes) {
+  return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) == 0;
+}
+
+// Loads elements [0, n) of a pack at p (n <= VEC); one vector load when the pack is full and
+// `aligned` (p aligned to the pack size), else element by element. Lanes >= n are zero.
+template <int VEC, typename T>
+__device__ __forceinline__ Pack<T, VEC> load_pack(const T* __restrict__ p, int n, bool aligned) {
+  Pack<T, VEC> r;
+  if (aligned && n == VEC) {
+    r = *reinterpret_cast<const Pack<T, VEC>*>(p);
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) r.v[j] = j < n ? p[j] : from_float<T>(0.f);
+  }
+  return r;
+}
+
+// Stores elements [0, n) of v at p, rounding to T; same vector / scalar rule as load_pack.
+template <int VEC, typename T>
+__device__ __forceinline__ void store_pack(T* __restrict__ p, const float (&v)[VEC], int n, bool aligned) {
+  if (aligned && n == VEC) {
+    Pack<T, VEC> r;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) r.v[j] = from_float<T>(v[j]);
+    *reinterpret_cast<Pack<T, VEC>*>(p) = r;
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j)
+      if (j < n) p[j] = from_float<T>(v[j]);
+  }
+}
+
+// ---- online softmax statistics ---------------------------------------------------------------
+
+// max that lets a NaN through (fmaxf drops it): NaN in -> NaN out.
+__device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
+
+// Running (m, d): m = max x, d = sum exp(x - m). Empty state: (-inf, 0).
+// A +inf or NaN input leaves d = NaN, so that the row's log-sum-exp is NaN.
+template <int VEC>
+__device__ __forceinline__ void maxsum_add(float& m, float& d, const float (&x)[VEC], int n) {
+  float mx = m;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j)
+    if (j < n) mx = nan_max(mx, x[j]);
+  if (mx == -INFINITY) return;  // nothing but -inf so far: still empty
+  float acc = d * __expf(m - mx);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j)
+    if (j < n) acc += __expf(x[j] - mx);
+  m = mx;
+  d = acc;
+}
+
+__device__ __forceinline__ void maxsum_merge(float& m, float& d, float m2, float d2) {
+  const float mx = nan_max(m, m2);
+  if (mx == -INFINITY) return;  // both empty
+  d = d * __expf(m - mx) + d2 * __expf(m2 - mx);
+  m = mx;
+}
+
+__device__ __forceinline__ float lse_of(float m, float d) { return m + logf(d); }
+
+// K/2 interleaved (m, d) pairs.
+template <int K>
+struct MaxSumOp {
+  __device__ __forceinline__ void operator()(float (&a)[K], const float (&b)[K]) const {
+#pragma unroll
+    for (int k = 0; k < K; k += 2) maxsum_merge(a[k], a[k + 1], b[k], b[k + 1]);
+  }
+};
+
+template <int K>
+struct SumOp {
+  __device__ __forceinline__ void operator()(float (&a)[K], const float (&b)[K]) const {
+#pragma unroll
+    for (int k = 0; k < K; ++k) a[k] += b[k];
+  }
+};
+
+// ---- deterministic reductions ----------------------------------------------------------------
+// Fixed combination order (butterfly within a warp, warps in index order, cluster ranks in
+// order), no atomics: the same inputs give bitwise the same result on every run.
+
+template <int K>
+struct ReduceSmem {
+  float warp[kMaxWarps][K];
+  float slot[K];   // this CTA's result, read by the other CTAs of its cluster
+  float bcast[K];  // the cluster's result, broadcast to this CTA's threads
+};
+
+// Every thread of the block ends with the block's result. Call from block-uniform code.
+template <int K, typename Op>
+__device__ __forceinline__ void block_allreduce(float (&v)[K], ReduceSmem<K>& sm, Op op) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    float o[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) o[k] = __shfl_xor_sync(0xffffffffu, v[k], off);
+    op(v, o);
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) sm.warp[warp][k] = v[k];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < K; ++k) v[k] = sm.warp[0][k];
+  for (int w = 1; w < nwarps; ++w) {
+    float o[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) o[k] = sm.warp[w][k];
+    op(v, o);
+  }
+  __syncthreads();  // sm.warp may be reused by the next reduction
+}
+
+// Combines the block results of the `csize` CTAs of this block's cluster through distributed
+// shared memory (sm_90). Every thread of every CTA ends with the same value. The caller must
+// cluster_sync() before `sm` is written again (the peers may still be reading sm.slot).
+template <int K, typename Op>
+__device__ __forceinline__ void cluster_allreduce(float (&v)[K], ReduceSmem<K>& sm, int csize, Op op) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) sm.slot[k] = v[k];
+  }
+  cluster.sync();
+  if (threadIdx.x == 0) {
+    float acc[K];
+    const float* r0 = cluster.map_shared_rank(sm.slot, 0);
+#pragma unroll
+    for (int k = 0; k < K; ++k) acc[k] = r0[k];
+    for (int r = 1; r < csize; ++r) {
+      const float* rr = cluster.map_shared_rank(sm.slot, r);
+      float o[K];
+#pragma unroll
+      for (int k = 0; k < K; ++k) o[k] = rr[k];
+      op(acc, o);
+    }
+#pragma unroll
+    for (int k = 0; k < K; ++k) sm.bcast[k] = acc[k];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < K; ++k) v[k] = sm.bcast[k];
+#else
+  (void)v; (void)sm; (void)csize; (void)op;
+  __trap();  // the host never launches a cluster on a binary without sm_90 code
+#endif
+}
+
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cooperative_groups::this_cluster().sync();
+#else
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ int cluster_rank(int csize) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (csize > 1) return static_cast<int>(cooperative_groups::this_cluster().block_rank());
+#endif
+  (void)csize;
+  return 0;
+}
+
+}  // namespace kdk
