@@ -29,6 +29,7 @@ LOG="$OUT/gpu_run.log"
 if [ "$MODE" != dry ]; then
   mkdir -p "$OUT" bench/results
   exec > >(tee -a "$LOG") 2>&1
+  TEE_PID=$!
 fi
 PY=${PYTHON:-python}
 START=$(date +%s)
@@ -88,10 +89,21 @@ install_liger() {
 
 build_extension() {
   # Ahead-of-time build (setup.py builds the extension when CUDA is there); if that fails,
-  # the import below gives the backend's JIT build its chance. Either way, print the status.
+  # the first call below gives the backend's JIT build its chance. Either way, print the status.
+  set -o pipefail
+  local rc=0
   TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
-    "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . 2>&1 | tail -25
-  "$PY" -c 'from kdkernels.cli import cuda_extension_status as s; print("cuda extension:", s())'
+    "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . 2>&1 | tail -25 || rc=$?
+  echo "pip install -e . exited with $rc"
+  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} "$PY" -c '
+import torch, kdkernels
+from kdkernels.cli import cuda_extension_status
+try:
+    s = torch.randn(4, 1000, device="cuda")
+    print("backend=cuda loss:", kdkernels.kd_loss(s, s.flip(0), backend="cuda").item())
+finally:
+    print("cuda extension:", cuda_extension_status())' || rc=$?
+  return $rc
 }
 
 export PY
@@ -113,11 +125,13 @@ if [ "$MODE" != dry ]; then
   done
   {
     echo "# gpu_run.sh $STAMP ($(( $(date +%s) - START )) s)"; echo
-    for s in "${SUMMARY[@]}"; do echo "- $s"; done; echo
+    for s in ${SUMMARY[@]+"${SUMMARY[@]}"}; do echo "- $s"; done; echo
     [ -f "$BENCH_PREFIX.md" ] && cat "$BENCH_PREFIX.md"
   } > "$OUT/summary.md"
   cp "$OUT/summary.md" "bench/results/summary-${DEVICE}-gpu_run-$STAMP.md"
 fi
 echo; echo "=== summary ($(( $(date +%s) - START ))s) ==="
-for s in "${SUMMARY[@]}"; do echo "  $s"; done
+for s in ${SUMMARY[@]+"${SUMMARY[@]}"}; do echo "  $s"; done
 echo "results: $OUT and bench/results/"
+if [ -n "${TEE_PID:-}" ]; then exec >&- 2>&-; wait "$TEE_PID" 2>/dev/null; fi
+exit 0
