@@ -1,0 +1,219 @@
+"""Vocab-parallel (tensor-parallel) KD: each rank holds a slice of the vocabulary of both logits.
+
+Megatron layout: rank r holds columns [vocab_start, vocab_start + V_local) of the
+student and teacher logits of every position. Nothing of size (N, V) crosses
+ranks; three all_reduces of O(N) floats each give every rank the global
+quantities it needs:
+
+    1. MAX: per-row maxima of s / T, t / T and s (untempered, for the hard term),
+       and the end of the vocabulary (to check labels);
+    2. SUM: the sums of exp(x - max) for the three rows (-> global log-sum-exps) and
+       the label's logit (it lives on exactly one rank);
+    3. SUM: the partial divergence sums (one, or two for jsd).
+
+The loss (identical on every rank) and this rank's slice of the gradient are
+then exactly those of kd_loss on the gathered logits. Gradients are computed
+in forward, a chunk of rows at a time; backward scales them by grad_output.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .api import _float_tensor, _reduce, check_options
+from .backends import DIVERGENCES
+from .backends.torch_backend import _mul0
+from .teachers import _divergence
+
+__all__ = ["vocab_parallel_kd_loss"]
+
+CHUNK_ELEMS = 1 << 20  # float32 work buffers of (rows, V_local): cache-sized on a CPU
+
+
+def vocab_parallel_kd_loss(
+    student_shard: Tensor,
+    teacher_shard: Tensor,
+    labels: Tensor | None = None,
+    *,
+    vocab_start: int,
+    group=None,
+    temperature: float = 1.0,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    soft_weight: float = 1.0,
+    hard_weight: float = 0.0,
+    t_squared: bool = True,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalizer=None,
+) -> Tensor:
+    """kd_loss over logits split along the vocabulary across the ranks of `group`.
+
+    student_shard and teacher_shard (..., V_local) hold the global vocabulary columns
+    [vocab_start, vocab_start + V_local) (shards need not be equal; together they must tile
+    [0, V) exactly once); labels (...) hold *global* ids, the same on every rank. The keyword
+    arguments are those of :func:`kdkernels.kd_loss` (teacher logits only, every divergence,
+    pure PyTorch on any device). Every rank returns the same loss, and backward gives each rank
+    the gradient of its own shard, both equal to single-device kd_loss on the gathered logits.
+    The teacher shard gets its gradient when it requires grad. Communication: three
+    all_reduces of O(N) values (NCCL on GPUs, gloo on CPUs); call it on every rank of the group.
+    """
+    opts = check_options(temperature=temperature, divergence=divergence, beta=beta,
+                         soft_weight=soft_weight, hard_weight=hard_weight, t_squared=t_squared,
+                         ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
+                         backend="torch")
+    s = _float_tensor("student_shard", student_shard)
+    t = _float_tensor("teacher_shard", teacher_shard)
+    if t.shape != s.shape:
+        raise ValueError(f"teacher_shard and student_shard have different shapes: {tuple(t.shape)} vs {tuple(s.shape)}")
+    if t.device != s.device:
+        raise ValueError(f"teacher_shard is on {t.device} but student_shard is on {s.device}")
+    if s.shape[-1] == 0:
+        raise ValueError("student_shard has an empty vocabulary dimension (V_local = 0)")
+    if isinstance(vocab_start, bool) or not isinstance(vocab_start, numbers.Integral) or vocab_start < 0:
+        raise ValueError(f"vocab_start must be an int >= 0, got {vocab_start!r}")
+    if labels is not None:
+        if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise TypeError("labels must be an integer torch.Tensor")
+        if labels.shape != s.shape[:-1]:
+            raise ValueError(f"labels must have shape {tuple(s.shape[:-1])} (student_shard.shape[:-1]), "
+                             f"got {tuple(labels.shape)}")
+        if labels.device != s.device:
+            raise ValueError(f"labels is on {labels.device} but student_shard is on {s.device}")
+    elif opts["hard_weight"] > 0:
+        raise ValueError("hard_weight > 0 needs labels")
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("vocab_parallel_kd_loss needs torch.distributed initialised (init_process_group)")
+    code, beta = _divergence(opts)
+    T = opts["temperature"]
+    soft_scale = opts["soft_weight"] * (T * T if opts["t_squared"] else 1.0)
+    y = None if labels is None else labels.reshape(-1).long()
+    V = s.shape[-1]
+    teacher_grad = torch.is_grad_enabled() and t.requires_grad
+    loss = _VocabParallelKD.apply(s.reshape(-1, V), t.reshape(-1, V), y, int(vocab_start), group, T, code,
+                                  beta, soft_scale, opts["hard_weight"], opts["ignore_index"], teacher_grad)
+    return _reduce(loss, y, s.shape[:-1], opts)
+
+
+class _VocabParallelKD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s, t, y, start, group, T, code, beta, soft_scale, hard_weight, ignore_index, teacher_grad):
+        loss, grad_s, grad_t = _forward(s, t, y, start, group, T, code, beta, soft_scale, hard_weight,
+                                        ignore_index, teacher_grad)
+        ctx.save_for_backward(grad_s, grad_t)
+        ctx.teacher_grad = teacher_grad
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_s, grad_t = ctx.saved_tensors
+        scale = grad_loss.unsqueeze(-1)
+        gs = grad_s.mul_(scale) if ctx.needs_input_grad[0] else None
+        gt = grad_t.mul_(scale) if ctx.teacher_grad and ctx.needs_input_grad[1] else None
+        return (gs, gt) + (None,) * 10
+
+
+def _chunks(N, V):
+    step = max(1, CHUNK_ELEMS // V)
+    return [(a, min(N, a + step)) for a in range(0, N, step)]
+
+
+def _forward(s, t, y, start, group, T, code, beta, soft_scale, hard_weight, ignore_index, teacher_grad):
+    N, V = s.shape
+    acc = torch.float64 if torch.float64 in (s.dtype, t.dtype) else torch.float32
+    dev = s.device
+    inv_t = 1.0 / T
+    hard = y is not None and hard_weight != 0
+    name = DIVERGENCES[code]
+    # 1. row maxima (max(x / T) = max(x) / T for T > 0) and the vocabulary's end
+    mx = torch.empty(3 * N + 1, dtype=acc, device=dev)
+    mx[:N] = s.amax(-1).to(acc) * inv_t
+    mx[N:2 * N] = t.amax(-1).to(acc) * inv_t
+    mx[2 * N:3 * N] = s.amax(-1).to(acc) if hard else 0.0
+    mx[3 * N] = start + V
+    dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
+    m_s, m_t, m_h, v_end = mx[:N, None], mx[N:2 * N, None], mx[2 * N:3 * N, None], mx[3 * N]
+    if y is not None:
+        ignored = y == ignore_index
+        local = (y >= start) & (y < start + V)
+        y_loc = torch.where(local, y - start, 0).unsqueeze(-1)
+    # 2. sums of exponentials and the label's logit
+    sums = torch.zeros(N, 4, dtype=acc, device=dev)
+    for a, b in _chunks(N, V):
+        sa = s[a:b].to(acc)
+        sums[a:b, 0] = (sa * inv_t - m_s[a:b]).exp_().sum(-1)
+        sums[a:b, 1] = (t[a:b].to(acc) * inv_t - m_t[a:b]).exp_().sum(-1)
+        if hard:
+            sums[a:b, 2] = (sa - m_h[a:b]).exp_().sum(-1)
+            sums[a:b, 3] = torch.where(local[a:b], sa.gather(-1, y_loc[a:b]).squeeze(-1), 0.0)
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    lse_s, lse_t = m_s + sums[:, :1].log(), m_t + sums[:, 1:2].log()
+    lse_h = m_h + sums[:, 2:3].log()
+
+    def stats(a, b):  # tempered log-probabilities and probabilities of rows [a, b)
+        log_q = s[a:b].to(acc) * inv_t - lse_s[a:b]
+        log_p = t[a:b].to(acc) * inv_t - lse_t[a:b]
+        return log_q, log_q.exp(), log_p, log_p.exp()
+
+    def log_m(log_p, log_q):
+        return torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+
+    # 3. partial divergence sums
+    part = torch.zeros(N, 2, dtype=acc, device=dev)
+    for a, b in _chunks(N, V):
+        log_q, q, log_p, p = stats(a, b)
+        if name == "kl":
+            part[a:b, 0] = _mul0(p, log_p - log_q).sum(-1)
+        elif name == "soft_ce":
+            part[a:b, 0] = -_mul0(p, log_q).sum(-1)
+        elif name == "reverse_kl":
+            part[a:b, 0] = _mul0(q, log_q - log_p).sum(-1)
+        else:
+            lm = log_m(log_p, log_q)
+            part[a:b, 0] = _mul0(p, log_p - lm).sum(-1)
+            part[a:b, 1] = _mul0(q, log_q - lm).sum(-1)
+    dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
+    D = beta * part[:, :1] + (1 - beta) * part[:, 1:] if name == "jsd" else part[:, :1]
+    # 4. gradients with the global statistics
+    g_scale = soft_scale * inv_t
+    grad_s = torch.empty(s.shape, dtype=s.dtype, device=dev)
+    grad_t = torch.empty(t.shape if teacher_grad else (0,), dtype=t.dtype, device=dev)
+    for a, b in _chunks(N, V):
+        log_q, q, log_p, p = stats(a, b)
+        Da = D[a:b]
+        if name in ("kl", "soft_ce"):
+            dS = q - p
+            dT = _mul0(p, log_p - log_q - Da) if name == "kl" else -_mul0(p, log_q + Da)
+        elif name == "reverse_kl":
+            dS, dT = _mul0(q, log_q - log_p - Da), p - q
+        else:
+            lm = log_m(log_p, log_q)
+            dS = (1 - beta) * _mul0(q, log_q - lm - part[a:b, 1:])
+            dT = beta * _mul0(p, log_p - lm - part[a:b, :1])
+        dS.mul_(g_scale)
+        if y is not None:
+            if hard:
+                dS.add_((s[a:b].to(acc) - lse_h[a:b]).exp_(), alpha=hard_weight)
+                hit = torch.where(local[a:b], -hard_weight, 0.0).to(acc).unsqueeze(-1)
+                dS.scatter_add_(-1, y_loc[a:b], hit)
+            dS.masked_fill_(ignored[a:b, None], 0.0)
+            dT.masked_fill_(ignored[a:b, None], 0.0)
+        grad_s[a:b] = dS
+        if teacher_grad:
+            grad_t[a:b] = dT.mul_(g_scale)
+    loss = soft_scale * D.squeeze(-1)
+    if y is not None:
+        if hard:
+            loss = loss + hard_weight * (lse_h.squeeze(-1) - sums[:, 3])
+        # A label outside [0, V) belongs to no rank: its row is NaN, as on a single device.
+        bad = ((y < 0) | (y >= v_end)) & ~ignored
+        if y.device.type == "cpu" and bool(bad.any()):
+            raise ValueError(f"labels must be in [0, {int(v_end)}) or ignore_index={ignore_index}, "
+                             f"got {y[bad][0].item()}")
+        loss = loss.masked_fill(bad, math.nan).masked_fill(ignored, 0.0)
+        grad_s.masked_fill_(bad[:, None], math.nan)
+    return loss, grad_s, grad_t

@@ -1,0 +1,120 @@
+"""vocab_parallel_kd_loss on 2 and 4 gloo processes (CPU, 127.0.0.1) against single-device kd_loss.
+
+Each worker builds the same full logits from a fixed seed, keeps its vocabulary slice
+(unequal slices: V is not a multiple of the world size), and checks its loss and its
+slice of the gradients against kd_loss on the full logits and the float64 reference.
+One spawn per world size runs every case, so process start-up is paid twice in all.
+"""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import kdkernels
+from kdkernels import reference
+from kdkernels.distributed import vocab_parallel_kd_loss
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+N, V = 13, 101
+
+
+def _cases():
+    for divergence in ("kl", "soft_ce", "reverse_kl", "jsd"):
+        yield dict(divergence=divergence, temperature=2.0, hard_weight=0.5, beta=0.3), torch.float32, "mean"
+        yield dict(divergence=divergence, temperature=1.0), torch.float32, "none"
+    yield dict(divergence="jsd", beta=0.0, temperature=1.5, soft_weight=0.7), torch.float32, "sum"
+    yield dict(divergence="kl", hard_weight=1.0, normalizer=5.0), torch.bfloat16, "sum"
+    yield dict(divergence="reverse_kl", temperature=3.0, t_squared=False), torch.float64, "mean"
+
+
+def _check(rank, world, kw, dtype, reduction, ignored="some", teacher_grad=False):
+    g = torch.Generator().manual_seed(1234)
+    s = (torch.randn(N, V, generator=g) * 3).to(dtype)
+    t = (torch.randn(N, V, generator=g) * 3).to(dtype)
+    t[0, ::3] = -float("inf")      # p = 0 entries, on several ranks
+    y = torch.randint(0, V, (N,), generator=g)
+    y[0] = V - 1                   # a label on the last rank
+    if ignored == "some":
+        y[1::4] = -100
+    elif ignored == "all":
+        y[:] = -100
+    go = torch.rand(N, generator=g, dtype=torch.float64) + 0.5
+    bounds = torch.linspace(0, V, world + 1).round().long().tolist()
+    lo, hi = bounds[rank], bounds[rank + 1]
+    s_full = s.clone().requires_grad_()
+    t_full = t.clone().requires_grad_(teacher_grad)
+    s_sh = s[:, lo:hi].clone().requires_grad_()
+    t_sh = t[:, lo:hi].clone().requires_grad_(teacher_grad)
+    if "divergence" in kw and kw["divergence"] == "reverse_kl":
+        t_full = t_full.detach().clamp(min=-30).requires_grad_(teacher_grad)   # keep KL(q||p) finite
+        t_sh = t_full.detach()[:, lo:hi].clone().requires_grad_(teacher_grad)
+    out = vocab_parallel_kd_loss(s_sh, t_sh, y, vocab_start=lo, reduction=reduction, **kw)
+    single = kdkernels.kd_loss(s_full, t_full, y, reduction=reduction, backend="torch", **kw)
+    ref = reference.kd_loss(s_full, t_full, y, reduction=reduction, **kw)
+    atol, rtol = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-3, 1e-2), torch.float64: (1e-10, 1e-10)}[dtype]
+    assert out.dtype == single.dtype and out.shape == single.shape
+    torch.testing.assert_close(out, single, atol=atol, rtol=rtol)
+    torch.testing.assert_close(out.double(), ref.double(), atol=atol, rtol=rtol)
+    w = go.to(out.dtype) if reduction == "none" else torch.tensor(2.5, dtype=out.dtype)  # grad_output != 1
+    wrt = (s_sh, t_sh) if teacher_grad else (s_sh,)
+    grads = torch.autograd.grad(out, wrt, w)
+    gfull = torch.autograd.grad(single, (s_full, t_full) if teacher_grad else (s_full,), w)
+    for a, b in zip(grads, gfull):
+        torch.testing.assert_close(a, b[:, lo:hi], atol=atol, rtol=rtol)
+
+
+def _worker(rank, world, port):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        # world 2 runs the whole grid; world 4 every divergence with hard labels and ignore_index
+        cases = list(_cases()) if world == 2 else list(_cases())[:8:2]
+        for kw, dtype, reduction in cases:
+            _check(rank, world, kw, dtype, reduction)
+        _check(rank, world, dict(divergence="jsd", temperature=2.0), torch.float32, "mean", teacher_grad=True)
+        _check(rank, world, dict(divergence="kl", hard_weight=1.0), torch.float32, "mean", ignored="all")
+        if world == 2:
+            _check(rank, world, dict(divergence="reverse_kl"), torch.float32, "sum", teacher_grad=True)
+            _check(rank, world, dict(divergence="soft_ce"), torch.float32, "mean", ignored="none")
+        # a label beyond the global vocabulary is caught on the CPU, consistently on every rank
+        y = torch.full((N,), V)
+        lo = torch.linspace(0, V, world + 1).round().long().tolist()[rank:rank + 2]
+        sh = torch.zeros(N, lo[1] - lo[0])
+        try:
+            vocab_parallel_kd_loss(sh, sh, y, vocab_start=lo[0], hard_weight=1.0)
+        except ValueError as exc:
+            assert f"labels must be in [0, {V})" in str(exc), exc
+        else:
+            raise AssertionError("out-of-range label not rejected")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_vocab_parallel_matches_single_device(world):
+    # fork: the workers inherit the imported torch instead of importing it again (seconds each)
+    mp.start_processes(_worker, args=(world, _free_port()), nprocs=world, join=True, start_method="fork")
+
+
+def test_errors_without_process_group():
+    s = torch.zeros(3, 5)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        vocab_parallel_kd_loss(s, s, vocab_start=0)
+    with pytest.raises(ValueError, match="vocab_start must be an int >= 0"):
+        vocab_parallel_kd_loss(s, s, vocab_start=-1)
+    with pytest.raises(ValueError, match="different shapes"):
+        vocab_parallel_kd_loss(s, s[:, :4], vocab_start=0)
+    with pytest.raises(ValueError, match="hard_weight > 0 needs labels"):
+        vocab_parallel_kd_loss(s, s, vocab_start=0, hard_weight=1.0)
