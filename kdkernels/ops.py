@@ -208,6 +208,8 @@ def _(student, ids, logprobs, labels, temperature, divergence, beta, soft_scale,
 
 def _topk_backward(ctx, grad_loss, _grad_gs, _grad_gt):
     grad_s, grad_t = ctx.saved_tensors
+    if grad_loss is None:  # the loss was not used (_kd_setup_context does not materialise grads)
+        return (None,) * 12
     scale = grad_loss.unsqueeze(-1)
     mul = torch.Tensor.mul_ if _eager(grad_s) else torch.mul
     gs = mul(grad_s, scale) if ctx.needs_input_grad[0] else None
