@@ -18,7 +18,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from .backends import module
 
@@ -64,6 +63,7 @@ def _kd_setup_context(ctx, inputs, output):
     ctx.teacher_grad = inputs[10]
     ctx.save_for_backward(grad_s, grad_t)
     ctx.mark_non_differentiable(grad_s, grad_t)
+    ctx.set_materialize_grads(False)  # no (N, V) zeros for the gradient outputs' unused grads
 
 
 def _eager(t: Tensor) -> bool:
@@ -74,11 +74,17 @@ def _eager(t: Tensor) -> bool:
     that gradcheck and torch.autograd.functional drive with repeated backward passes.
     """
     return (type(t) is torch.Tensor and t.dtype != torch.float64 and not torch.compiler.is_compiling()
-            and not is_in_torch_dispatch_mode())
+            and not any(torch._C._get_dispatch_mode(k) is not None for k in _TRACING_MODES))
+
+
+# The dispatch modes that mean "being traced" (make_fx, AOTAutograd, fake tensors).
+_TRACING_MODES = tuple(torch._C._TorchDispatchModeKey.__members__.values())
 
 
 def _kd_backward(ctx, grad_loss, _grad_gs, _grad_gt):
     grad_s, grad_t = ctx.saved_tensors
+    if grad_loss is None:  # the loss was not used (grads are not materialised)
+        return (None,) * 12
     scale = grad_loss.unsqueeze(-1)
     # Eager: scale in place, so backward allocates nothing (N, V). Traced (torch.compile,
     # opcheck): out of place, since a traced graph may not mutate a saved forward output;

@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["kd_loss", "tempered_softmax", "tempered_log_softmax", "divergence_rows", "teacher_log_probs",
+__all__ = ["kd_loss", "tempered_softmax", "tempered_log_softmax", "tempered_softmax_backward", "divergence_rows", "teacher_log_probs",
            "ensemble_log_probs", "kd_loss_ensemble", "kd_loss_topk", "fused_linear_kd_loss"]
 
 
@@ -29,6 +29,19 @@ def tempered_log_softmax(x: torch.Tensor, temperature: float, dim: int = -1) -> 
 def tempered_softmax(x: torch.Tensor, temperature: float, dim: int = -1) -> torch.Tensor:
     """softmax(x / T) in float64."""
     return torch.softmax(x.double() / temperature, dim=dim)
+
+
+def tempered_softmax_backward(y: torch.Tensor, grad_y: torch.Tensor, temperature: float, log: bool,
+                              dim: int = -1) -> torch.Tensor:
+    """Float64 gradient w.r.t. x of (log_)softmax(x / T) given its (possibly rounded) output y.
+
+    Backends save the output, as torch.softmax does, so with float16/bfloat16 outputs this,
+    not the gradient at the exact output, is what they compute exactly.
+    """
+    y, g = y.double(), grad_y.double()
+    if log:
+        return (g - y.exp() * g.sum(dim, keepdim=True)) / temperature
+    return y * (g - (g * y).sum(dim, keepdim=True)) / temperature
 
 
 def _safe_log(p: torch.Tensor) -> torch.Tensor:

@@ -67,13 +67,20 @@ def divergence_and_grads(log_p, p, log_q, q, code: int, beta: float, teacher: bo
         r = log_q - log_p
         D = _mul0(q, r).sum(-1, keepdim=True)
         return D, _mul0(q, r.sub_(D)), p - q if teacher else None
-    # jsd with 0 < beta < 1 (the API maps beta 0 / 1 to kl / reverse_kl)
-    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-    rp, rq = log_p - log_m, log_q - log_m
-    kl_pm = _mul0(p, rp).sum(-1, keepdim=True)
-    kl_qm = _mul0(q, rq).sum(-1, keepdim=True)
-    D = beta * kl_pm + (1 - beta) * kl_qm
-    return D, (1 - beta) * _mul0(q, rq - kl_qm), beta * _mul0(p, rp - kl_pm) if teacher else None
+    # jsd with 0 < beta < 1 (the API maps beta 0 / 1 to kl / reverse_kl). With m = beta p +
+    # (1 - beta) q and u = log p - log q, the log-ratios are taken relative to their value where
+    # the other distribution vanishes, so that the dominant entries (ratio ~ 1) carry no
+    # cancellation in the gradient q (log q/m - KL(q||m)):
+    #   log q/m = -log(1 - beta) - softplus(u + log(beta / (1 - beta)))
+    #   log p/m = -log(beta)     - softplus(log((1 - beta) / beta) - u)
+    logit_b = math.log(beta) - math.log1p(-beta)
+    u = log_p - log_q
+    rq = -torch.nn.functional.softplus(u + logit_b)      # log q/m + log(1 - beta)
+    rp = -torch.nn.functional.softplus(-logit_b - u)     # log p/m + log(beta)
+    e_q = _mul0(q, rq).sum(-1, keepdim=True)
+    e_p = _mul0(p, rp).sum(-1, keepdim=True)
+    D = beta * (e_p - math.log(beta)) + (1 - beta) * (e_q - math.log1p(-beta))
+    return D, (1 - beta) * _mul0(q, rq - e_q), beta * _mul0(p, rp - e_p) if teacher else None
 
 
 def _teacher_tempered(t: torch.Tensor, teacher_is_probs: bool, inv_t: float, acc) -> torch.Tensor:
