@@ -23,17 +23,13 @@ pytest.importorskip("triton")
 import kdkernels  # noqa: E402
 from kdkernels import reference  # noqa: E402
 from kdkernels.backends import DIVERGENCES, triton_backend as TB  # noqa: E402
+from conftest import DTYPES, TOLERANCES, assert_matches_reference, make_inputs  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-# (loss atol, loss rtol, grad atol, grad rtol): the loss is float32 arithmetic on the
-# (exactly representable) inputs; gradients are rounded to the input dtype.
-TOL = {
-    torch.float32: (1e-5, 1e-4, 1e-6, 1e-4),
-    torch.float16: (1e-5, 1e-4, 1e-5, 2e-3),
-    torch.bfloat16: (1e-5, 1e-4, 1e-5, 1.6e-2),
-}
+# Softmax tolerances per dtype (the KD comparisons use conftest.TOLERANCES).
+TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 # Launch shapes that the same small inputs take (V = 101 = 3 blocks of 32 + 5):
 #   one_block: the row in registers; blocks: streaming passes over 4 blocks;
@@ -65,33 +61,24 @@ def _close(actual, expected, atol, rtol, what):
 
 def check(s, t, labels=None, *, dtype=torch.float32, t_dtype=None, path="one_block", probs=False,
           teacher_grad=True, grad_out=None, **kw):
-    """kd_loss(backend="triton") and its gradients vs reference.kd_loss in float64."""
-    t_dtype = t_dtype or dtype
-    s1 = s.to(DEVICE, dtype).clone().requires_grad_()  # fresh leaves: .grad never accumulates
-    t1 = t.to(DEVICE, t_dtype).clone().requires_grad_(teacher_grad)
-    y1 = None if labels is None else labels.to(DEVICE)
-    teacher = dict(teacher_probs=t1) if probs else dict(teacher_logits=t1)
+    """conftest.assert_matches_reference on backend="triton", launched the way `path` says
+    (loss, student and teacher gradients vs the float64 reference; returns the loss)."""
+    s = s.to(DEVICE, dtype)
+    t = t.to(DEVICE, t_dtype or dtype)
+    labels = None if labels is None else labels.to(DEVICE)
     with TB.tuning(poison=True, **(PATHS[path] if isinstance(path, str) else path)):
-        out = kdkernels.kd_loss(s1, labels=y1, backend="triton", **teacher, **kw)
-        g = torch.ones_like(out) if grad_out is None else grad_out.to(out)
-        (out * g).sum().backward()
-    s2 = s1.detach().double().requires_grad_()
-    t2 = t1.detach().double().requires_grad_(teacher_grad)
-    teacher = dict(teacher_probs=t2) if probs else dict(teacher_logits=t2)
-    ref = reference.kd_loss(s2, labels=y1, **teacher, **kw)
-    (ref * g.double()).sum().backward()
-    la, lr, ga, gr = TOL[dtype]
-    assert out.dtype == torch.float32
-    _close(out, ref, la, lr, "loss")
-    assert s1.grad.dtype == dtype
-    _close(s1.grad, s2.grad, ga, gr, "student grad")
-    if teacher_grad:
-        assert t1.grad.dtype == t_dtype
-        ga_t, gr_t = TOL[t_dtype][2:]
-        if probs:  # d/dP = d/d(log P) / P: rounding errors grow like 1/P for tiny P (torch backend too)
-            gr_t *= 10
-        _close(t1.grad, t2.grad, ga_t, gr_t, "teacher grad")
-    return out, s1.grad
+        loss, _ = assert_matches_reference(s, t, labels, teacher_is_probs=probs, backend="triton",
+                                           grad_output=grad_out, teacher_grad=teacher_grad, **kw)
+    return loss
+
+
+def forward(s, t, y, path, **kw):
+    """triton_backend.kd_forward on CPU/GPU tensors with poisoned outputs: (loss, grad_s, grad_t)."""
+    args = dict(teacher_is_probs=False, temperature=1.0, divergence=0, beta=0.5, soft_scale=1.0,
+                hard_weight=0.0, ignore_index=-100, teacher_grad=True)
+    args.update(kw)
+    with TB.tuning(poison=True, **PATHS[path]):
+        return TB.kd_forward(s.to(DEVICE), t.to(DEVICE), None if y is None else y.to(DEVICE), **args)
 
 
 # ---------------------------------------------------------------- divergences x paths
@@ -106,6 +93,27 @@ def test_divergences(divergence, probs, teacher_grad, path):
     y[2] = -100
     check(s, t, y, path=path, probs=probs, teacher_grad=teacher_grad, divergence=divergence,
           beta=0.3, temperature=2.0, hard_weight=0.5, soft_weight=0.7)
+
+
+TEMPERATURES = [0.5, 1.0, 2.0, 8.0]
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("teacher_probs", [False, True], ids=["logits", "probs"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_foundation_grid(divergence, teacher_probs, dtype):
+    """tests/test_kd_loss.py's grid on the Triton paths: each case takes one launch path,
+    temperature, reduction and label setting in turn (the full product would be too slow
+    under the interpreter; each axis is still covered against every other one somewhere)."""
+    i = DIVERGENCES.index(divergence) * 6 + int(teacher_probs) * 3 + DTYPES.index(dtype)
+    path = list(PATHS)[i % 3]
+    labels = (i // 3) % 2 == 0
+    g = torch.Generator().manual_seed(1000 + i)
+    s, t, y = make_inputs((4, 101), dtype, teacher_probs=teacher_probs, labels=labels, generator=g)
+    check(s, t, y, path=path, probs=teacher_probs, teacher_grad=i % 2 == 0,
+          temperature=TEMPERATURES[i % 4], divergence=divergence, beta=0.3,
+          reduction=REDUCTIONS[i % 3], hard_weight=0.4 if labels else 0.0, soft_weight=0.8)
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -191,13 +199,10 @@ def test_leading_dims_and_sliced_views():
 def test_ignored_rows_are_zero_even_if_nan(path):
     s, t, y = _inputs(4, 101, seed=7)
     y[1] = -100
-    out, gs = check(s, t, y, path=path, reduction="none", hard_weight=0.5, divergence="jsd")
+    check(s, t, y, path=path, reduction="none", hard_weight=0.5, divergence="jsd")
     s[1, 3] = math.nan  # the reference's autograd turns 0 * NaN into NaN: compare with the clean run
     t[1, 4] = math.nan
-    with TB.tuning(poison=True, **PATHS[path]):
-        loss, gs2, gt2 = TB.kd_forward(
-            s, t, y, teacher_is_probs=False, temperature=1.0, divergence=3, beta=0.5, soft_scale=1.0,
-            hard_weight=0.5, ignore_index=-100, teacher_grad=True)
+    loss, gs2, gt2 = forward(s, t, y, path, divergence=3, hard_weight=0.5)
     assert loss[1] == 0 and (gs2[1] == 0).all() and (gt2[1] == 0).all()
     assert torch.isfinite(loss).all() and torch.isfinite(gs2).all() and torch.isfinite(gt2).all()
 
@@ -206,8 +211,9 @@ def test_ignored_rows_are_zero_even_if_nan(path):
 def test_all_ignored(path):
     s, t, _ = _inputs(3, 101, seed=8)
     y = torch.full((3,), -100)
-    out, gs = check(s, t, y, path=path, hard_weight=1.0)
-    assert out == 0 and (gs == 0).all()
+    assert check(s, t, y, path=path, hard_weight=1.0) == 0
+    loss, gs, gt = forward(s, t, y, path, hard_weight=1.0)
+    assert (loss == 0).all() and (gs == 0).all() and (gt == 0).all()
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -224,8 +230,9 @@ def test_nan_in_nan_out(path):
 def test_minus_inf_teacher_logits(divergence, path):
     s, t, y = _inputs(3, 101, seed=10)
     t[:, ::3] = -math.inf  # p = 0 there: contributes 0, never NaN
-    out, gs = check(s, t, y, path=path, divergence=divergence, reduction="none", temperature=2.0)
-    assert torch.isfinite(out).all() and torch.isfinite(gs).all()
+    check(s, t, y, path=path, divergence=divergence, reduction="none", temperature=2.0)
+    loss, gs, gt = forward(s, t, y, path, divergence=DIVERGENCES.index(divergence), temperature=2.0)
+    assert torch.isfinite(loss).all() and torch.isfinite(gs).all() and torch.isfinite(gt).all()
 
 
 @pytest.mark.parametrize("path", ["one_block", "split"])
@@ -233,11 +240,7 @@ def test_out_of_range_label_gives_nan_row(path):
     # The API rejects these on the CPU; on a GPU they reach the kernel unchecked (no sync).
     s, t, y = _inputs(4, 101, seed=11)
     y[1], y[2], y[3] = 101, -1, -100
-    with TB.tuning(poison=True, **PATHS[path]):
-        loss, gs, _ = TB.kd_forward(
-            s.to(DEVICE), t.to(DEVICE), y.to(DEVICE), teacher_is_probs=False, temperature=1.0,
-            divergence=0, beta=0.5, soft_scale=1.0, hard_weight=1.0, ignore_index=-100,
-            teacher_grad=False)
+    loss, gs, _ = forward(s, t, y, path, hard_weight=1.0, teacher_grad=False)
     assert torch.isnan(loss[1:3]).all() and torch.isnan(gs[1:3]).all()
     assert torch.isfinite(loss[0]) and loss[3] == 0 and (gs[3] == 0).all()
 
@@ -302,7 +305,7 @@ def _check_softmax(x, g, log, dtype, path, dim):
     x2 = x.detach().double().requires_grad_()
     ref = ref_fn(x2, 1.7, dim=dim)
     (ref * g.double()).sum().backward()
-    rtol = TOL[dtype][3]
+    rtol = TOL[dtype]
     assert out.dtype == dtype and x.grad.dtype == dtype
     _close(out, ref, 1e-5 if dtype == torch.float32 else 1e-3, rtol, "softmax")
     # backward starts from the output rounded to x.dtype (as torch's own softmax does), so half

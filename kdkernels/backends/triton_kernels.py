@@ -20,10 +20,12 @@ vectors (r1 weighted by the teacher p, r2 by the student q):
 """
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
-NEG_INF: tl.constexpr = float("-inf")
+NEG_INF = tl.constexpr(float("-inf"))
 
 # _STATIC_NOTE: Triton 3.6's interpreter wraps integer arguments (and any assigned variable)
 # in 1-element numpy arrays, which numpy >= 2.4 refuses to turn into a `range` bound. Under
@@ -32,10 +34,27 @@ NEG_INF: tl.constexpr = float("-inf")
 # bound is used (no recompilation per vocab size).
 
 # Divergence codes (kdkernels.backends.DIVERGENCES order).
-KL: tl.constexpr = 0
-SOFT_CE: tl.constexpr = 1
-REVERSE_KL: tl.constexpr = 2
-JSD: tl.constexpr = 3
+KL = tl.constexpr(0)
+SOFT_CE = tl.constexpr(1)
+REVERSE_KL = tl.constexpr(2)
+JSD = tl.constexpr(3)
+
+
+# Triton 3.6's interpreter truncates float32 -> bfloat16 casts (GPUs round to nearest even);
+# under the interpreter _store rounds by hand so CPU tests see the GPU's numbers.
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "") == "1")
+
+
+@triton.jit
+def _store(ptr, x, mask):
+    """Store float32 x into ptr's dtype, rounded to nearest even."""
+    if _INTERPRETED:
+        if ptr.dtype.element_ty == tl.bfloat16:
+            b = x.to(tl.uint32, bitcast=True)
+            r = b + 0x7FFF + ((b >> 16) & 1)
+            r = tl.where(x != x, b | 0x400000, r)  # a NaN stays a NaN
+            x = (r >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -132,7 +151,7 @@ def _finish_block(gs_row, gt_row, cols, smask, q, p, r1, r2, D1, D2, sm, P, y, i
         g += hard_weight * (sm - tl.where(cols == y, 1.0, 0.0))
     g = tl.where(bad, float("nan"), g)
     g = tl.where(ignored, 0.0, g)
-    tl.store(gs_row + cols, g.to(gs_row.dtype.element_ty), mask=smask)
+    _store(gs_row + cols, g, smask)
     if TEACHER_GRAD:
         if DIV == REVERSE_KL:
             gt = p - q
@@ -142,7 +161,7 @@ def _finish_block(gs_row, gt_row, cols, smask, q, p, r1, r2, D1, D2, sm, P, y, i
         if TEACHER_PROBS:  # chain rule through log P: dL/dP = dL/d(log P) / P, 0 where P == 0
             gt = tl.where(P == 0.0, 0.0, gt / P)
         gt = tl.where(ignored, 0.0, gt)
-        tl.store(gt_row + cols, gt.to(gt_row.dtype.element_ty), mask=smask)
+        _store(gt_row + cols, gt, smask)
 
 
 @triton.jit
@@ -342,7 +361,7 @@ def _softmax_fwd_kernel(
             out = x - _lse(m, d)
         else:
             out = e / d
-        tl.store(y_row + offs, out.to(y_row.dtype.element_ty), mask=mask)
+        _store(y_row + offs, out, mask)
     else:
         m = tl.full([], NEG_INF, tl.float32)
         d = tl.zeros([], tl.float32)
@@ -359,7 +378,7 @@ def _softmax_fwd_kernel(
                 out = x - lse
             else:
                 out = tl.exp(x - lse)
-            tl.store(y_row + cols, out.to(y_row.dtype.element_ty), mask=mask)
+            _store(y_row + cols, out, mask)
 
 
 @triton.jit
@@ -397,4 +416,4 @@ def _softmax_bwd_kernel(
             gx = gy - tl.exp(y) * total
         else:
             gx = y * (gy - total)
-        tl.store(gx_row + cols, (gx * inv_t).to(gx_row.dtype.element_ty), mask=mask)
+        _store(gx_row + cols, gx * inv_t, mask)
