@@ -1,0 +1,170 @@
+"""Finds the CUDA C++ extension (csrc/), or compiles it just in time, and says which happened.
+
+Order, tried once per process:
+
+1. the prebuilt extension ``kdkernels/_cuda_ops*.so`` that ``setup.py`` builds when a CUDA
+   build of torch and nvcc are present at install time;
+2. a just-in-time build with ``torch.utils.cpp_extension.load`` (ninja, cached under
+   ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``; rebuilt only when a
+   source or flag changes), from ``kdkernels/_csrc`` (wheel installs) or ``csrc/`` beside the
+   package (source checkouts, editable installs).
+
+Environment switches:
+    KDKERNELS_CUDA_PREBUILT=0   ignore the prebuilt extension
+    KDKERNELS_CUDA_JIT=0        never compile just in time
+    KDKERNELS_CUDA_ARCHS="90"   JIT architectures (default: the current GPU's compute capability)
+    KDKERNELS_CUDA_VERBOSE=1    show the JIT compiler output
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+
+_PKG = Path(__file__).resolve().parent
+SOURCES = ("bindings.cpp", "kd_launch.cu", "kd_kl.cu", "kd_soft_ce.cu", "kd_reverse_kl.cu", "kd_jsd.cu",
+           "softmax.cu")
+JIT_NAME = "kdkernels_cuda_jit"
+
+_lock = threading.Lock()
+_state: dict = {"tried": False, "error": None, "how": None}
+
+
+def source_dir() -> Path | None:
+    """Directory holding every csrc source file, or None."""
+    for d in (_PKG / "_csrc", _PKG.parent / "csrc"):
+        if all((d / f).is_file() for f in SOURCES):
+            return d
+    return None
+
+
+def prebuilt_path() -> Path | None:
+    found = sorted(_PKG.glob("_cuda_ops*.so")) + sorted(_PKG.glob("_cuda_ops*.pyd"))
+    return found[0] if found else None
+
+
+def arch_flags(archs: str) -> list[str]:
+    """'80;90' (or '8.0 9.0', '90a') -> nvcc -gencode flags, with PTX for the last one."""
+    names = [a.strip().replace(".", "") for a in archs.replace(",", ";").replace(" ", ";").split(";") if a.strip()]
+    if not names:
+        raise ValueError(f"no CUDA architecture in {archs!r}")
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in names]
+    flags.append(f"-gencode=arch=compute_{names[-1]},code=compute_{names[-1]}")
+    return flags
+
+
+def _jit_blocker() -> str | None:
+    """Why a just-in-time build cannot be attempted here, or None."""
+    import torch
+
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is not a CUDA build, so no extension can be built for it"
+    if source_dir() is None:
+        return "the csrc sources are not shipped with this install"
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    if not home or not (Path(home) / "bin" / "nvcc").exists():
+        return f"no CUDA toolkit found (CUDA_HOME={home!r}; set CUDA_HOME to the directory holding bin/nvcc)"
+    if not (Path(home) / "include" / "cuda_runtime_api.h").exists():
+        return f"CUDA_HOME={home!r} has no include/cuda_runtime_api.h (set CUDA_HOME, e.g. /usr/local/cuda)"
+    if shutil.which("ninja") is None:
+        try:
+            cpp_extension.verify_ninja_availability()
+        except RuntimeError:
+            return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def _jit_build() -> str:
+    import torch
+    from torch.utils import cpp_extension
+
+    archs = os.environ.get("KDKERNELS_CUDA_ARCHS", "").strip()
+    if not archs:
+        major, minor = torch.cuda.get_device_capability()
+        archs = f"{major}{minor}"
+    src = source_dir()
+    cpp_extension.load(
+        name=JIT_NAME,
+        sources=[str(src / f) for f in SOURCES],
+        extra_include_paths=[str(src)],
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", *arch_flags(archs)],
+        is_python_module=False,
+        verbose=os.environ.get("KDKERNELS_CUDA_VERBOSE", "0") == "1",
+    )
+    return f"compiled just in time for sm_{archs.replace(';', ',sm_')} (cached by torch.utils.cpp_extension)"
+
+
+def _registered() -> bool:
+    import torch
+
+    try:
+        torch.ops.kdkernels_cuda.kd_fused  # noqa: B018 - raises if the library is not loaded
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def load() -> str | None:
+    """Loads the extension once per process; None on success, else why it is unavailable."""
+    with _lock:
+        if _state["tried"]:
+            return _state["error"]
+        _state["tried"] = True
+        import torch
+
+        errors = []
+        if _registered():  # loaded by someone else (e.g. an explicit torch.ops.load_library)
+            _state["how"] = "already loaded in this process"
+            return None
+        so = prebuilt_path()
+        if os.environ.get("KDKERNELS_CUDA_PREBUILT", "1") == "0":
+            errors.append("prebuilt extension ignored (KDKERNELS_CUDA_PREBUILT=0)")
+        elif so is None:
+            errors.append("no prebuilt extension (installed without a CUDA toolchain, or KDKERNELS_SKIP_CUDA_BUILD=1)")
+        else:
+            try:
+                torch.ops.load_library(str(so))
+                _state["how"] = f"prebuilt extension {so.name}"
+                return None
+            except Exception as exc:  # e.g. built against another torch: undefined symbols
+                errors.append(f"prebuilt {so.name} does not load ({_first_line(exc)})")
+        if os.environ.get("KDKERNELS_CUDA_JIT", "1") == "0":
+            errors.append("just-in-time build disabled (KDKERNELS_CUDA_JIT=0)")
+        else:
+            blocker = _jit_blocker()
+            if blocker:
+                errors.append(f"no just-in-time build: {blocker}")
+            else:
+                try:
+                    _state["how"] = _jit_build()
+                    return None
+                except Exception as exc:
+                    errors.append(f"just-in-time build failed ({_first_line(exc)}; "
+                                  "KDKERNELS_CUDA_VERBOSE=1 shows the compiler output)")
+        _state["error"] = "; ".join(errors)
+        return _state["error"]
+
+
+def loaded() -> bool:
+    return _state["tried"] and _state["error"] is None
+
+
+def status() -> str:
+    """One line: how the extension was obtained in this process, or why not (no build triggered)."""
+    if not _state["tried"]:
+        so = prebuilt_path()
+        where = f"prebuilt {so.name} present" if so else "no prebuilt extension"
+        src = "sources present for a just-in-time build" if source_dir() else "no sources for a just-in-time build"
+        return f"not loaded yet ({where}; {src})"
+    if _state["error"] is None:
+        return f"loaded: {_state['how']}"
+    return f"unavailable: {_state['error']}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]

@@ -1,0 +1,129 @@
+"""CUDA C++ backend: the csrc/ kernels, reached through the torch.library ops kdkernels_cuda::*.
+
+The extension is prebuilt by setup.py or compiled just in time on first use (see
+kdkernels._cuda_build). kd_forward runs one fused kernel that writes the per-row loss, the
+student gradient and, when asked, the teacher gradient (no fallback to another backend):
+float16 / bfloat16 / float32 inputs (student and teacher dtypes may differ), float32 arithmetic.
+
+Execution path (docs/cuda.md), environment variable KDKERNELS_CUDA_PATH:
+    auto       default: on sm_90, a row pair is kept on chip across a thread-block cluster of up
+               to 8 CTAs (distributed shared memory); elsewhere in one CTA's shared memory if it
+               fits; otherwise every pass streams the row from global memory
+    nocluster  on chip only within one CTA (no clusters), else streaming
+    twopass    always stream from global memory (stats pass, then loss + gradient pass)
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .. import _cuda_build
+
+NAME = "cuda"
+PATH_ENV = "KDKERNELS_CUDA_PATH"
+_MAX_CLUSTER = {"auto": 8, "cluster": 8, "nocluster": 1, "twopass": 0}
+_fakes_registered = False
+
+
+def max_cluster() -> int:
+    """The largest cluster a row may use, from KDKERNELS_CUDA_PATH (read on every call)."""
+    value = os.environ.get(PATH_ENV, "auto").strip().lower() or "auto"
+    if value not in _MAX_CLUSTER:
+        raise ValueError(f"environment variable {PATH_ENV}={value!r} is not one of {tuple(_MAX_CLUSTER)}")
+    return _MAX_CLUSTER[value]
+
+
+def available(device: torch.device) -> str | None:
+    """None if this backend runs on `device`, else the reason it cannot (never raises).
+
+    Loads the extension on first call on a CUDA device, compiling it just in time if needed.
+    """
+    try:
+        device = torch.device(device)
+        if device.type != "cuda":
+            return f"the CUDA C++ backend runs on CUDA tensors only, not on {device.type}"
+        if torch.version.cuda is None:
+            hip = " (ROCm builds are not supported)" if getattr(torch.version, "hip", None) else ""
+            return f"torch {torch.__version__} is not a CUDA build{hip}"
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return f"needs compute capability 8.0 or newer, {torch.cuda.get_device_name(device)} is {major}.{minor}"
+        reason = _cuda_build.load()
+        if reason is not None:
+            return f"the CUDA extension is unavailable: {reason}"
+        _register_fakes()
+        return None
+    except Exception as exc:  # available() reports, it does not raise
+        return f"the CUDA C++ backend could not be checked: {type(exc).__name__}: {exc}"
+
+
+def status() -> str:
+    """One line for `python -m kdkernels info`: prebuilt, compiled just in time, or why neither."""
+    return _cuda_build.status()
+
+
+def _ops():
+    reason = _cuda_build.load()
+    if reason is not None:
+        raise RuntimeError(f"backend='cuda': the CUDA extension is unavailable: {reason}")
+    _register_fakes()
+    return torch.ops.kdkernels_cuda
+
+
+def kd_forward(student, teacher, labels, *, teacher_is_probs, temperature, divergence, beta,
+               soft_scale, hard_weight, ignore_index, teacher_grad):
+    """Fused per-row loss and gradients (see kdkernels.ops.kd_fused for the contract)."""
+    return _ops().kd_fused(student, teacher, labels, bool(teacher_is_probs), float(temperature),
+                           int(divergence), float(beta), float(soft_scale), float(hard_weight),
+                           int(ignore_index), bool(teacher_grad), max_cluster())
+
+
+def plan(student, teacher, *, teacher_is_probs=False, divergence=0) -> dict:
+    """How kd_forward would run on these inputs (host-side query, launches nothing)."""
+    c, threads, resident, slice_, smem, rows = _ops().kd_plan(student, teacher, bool(teacher_is_probs),
+                                                              int(divergence), max_cluster())
+    path = ("cluster" if c > 1 else "on-chip") if resident else "streaming"
+    return dict(path=path, cluster=c, threads=threads, resident=bool(resident), slice=slice_,
+                smem_bytes=smem, rows_per_launch=rows)
+
+
+def softmax_forward(x: torch.Tensor, temperature: float, log: bool) -> torch.Tensor:
+    """softmax(x / T) or log_softmax(x / T) over the last dim of a 2-D tensor, in x.dtype."""
+    return _ops().softmax_forward(x, float(temperature), bool(log))
+
+
+def softmax_backward(y: torch.Tensor, grad_y: torch.Tensor, temperature: float, log: bool) -> torch.Tensor:
+    """Gradient w.r.t. x of (log_)softmax(x / T), from its output y and the output gradient."""
+    return _ops().softmax_backward(y, grad_y, float(temperature), bool(log))
+
+
+# ---- fake (meta) functions of the C++ ops, for torch.compile / FakeTensor tracing -------------
+
+def _register_fakes() -> None:
+    global _fakes_registered
+    if _fakes_registered:
+        return
+    _fakes_registered = True
+    lib = "kdkernels_cuda::"
+
+    @torch.library.register_fake(lib + "kd_fused")
+    def _kd_fused_fake(student, teacher, labels, teacher_is_probs, temperature, divergence, beta,
+                       soft_scale, hard_weight, ignore_index, teacher_grad, max_cluster):
+        loss = student.new_empty((student.shape[0],), dtype=torch.float32)
+        grad_t = teacher.new_empty(teacher.shape if teacher_grad else (0,))
+        return loss, student.new_empty(student.shape), grad_t
+
+    @torch.library.register_fake(lib + "softmax_forward")
+    def _softmax_forward_fake(x, temperature, log):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake(lib + "softmax_backward")
+    def _softmax_backward_fake(y, grad_y, temperature, log):
+        return y.new_empty(y.shape)
+
+
+if _cuda_build.loaded() or (torch.version.cuda is not None and _cuda_build._registered()):
+    _register_fakes()  # imported by torch for a fake lookup (set_python_module) after the load
