@@ -98,7 +98,9 @@ cudaError_t kd_choose_plan(const void* kernel, const KdArgs& a, int es_s, int es
     p.smem = static_cast<size_t>(smem_for(p.slice, es_s, es_t));
     p.threads = threads_for(p.slice);
     bool fits = false;
-    if (p.smem <= 48 * 1024 || allow_dynamic_smem(kernel, dev, static_cast<int>(max_dyn)) == cudaSuccess) {
+    // Raised for every on-chip plan: static + dynamic may pass the 48 KB default even when
+    // the dynamic part alone does not.
+    if (allow_dynamic_smem(kernel, dev, static_cast<int>(max_dyn)) == cudaSuccess) {
       if (chosen > 1) {
         cudaLaunchConfig_t cfg = {};
         cfg.gridDim = dim3(static_cast<unsigned>(chosen));
