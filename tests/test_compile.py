@@ -12,7 +12,6 @@ import copy
 import pytest
 import torch
 
-import kdkernels
 from kdkernels import kd_loss
 from kdkernels.backends import BACKENDS, DIVERGENCES, why_unavailable
 

@@ -13,7 +13,6 @@ Needs nothing but kdkernels (trl itself is not imported).
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from ..api import kd_loss
