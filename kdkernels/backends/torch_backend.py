@@ -42,10 +42,14 @@ def _mul0(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _log_softmax_stats(x: torch.Tensor):
     """(log_softmax(x), softmax(x)) of a float chunk along the last dim.
 
-    One fused log_softmax (its passes over a cache-resident row are cheap) and one exp;
-    an all -inf or +inf row gives NaN: there is no distribution.
+    One fused log_softmax (its passes over a cache-resident row are cheap) and one exp; for
+    short rows, where ATen's CPU log_softmax is several times slower than a logsumexp
+    (measured 3.5 ms vs 0.8 ms on 7500 x 10), the latter. An all -inf or +inf row gives NaN.
     """
-    log_p = torch.log_softmax(x, -1)
+    if x.shape[-1] < 1024:
+        log_p = x - torch.logsumexp(x, -1, keepdim=True)
+    else:
+        log_p = torch.log_softmax(x, -1)
     return log_p, log_p.exp()
 
 
