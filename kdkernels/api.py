@@ -71,7 +71,8 @@ def check_options(*, temperature, divergence, beta, soft_weight, hard_weight, t_
                 raise ValueError(f"normalizer must be a number or a 0-d tensor, got shape {tuple(normalizer.shape)}")
             if normalizer.dtype == torch.bool or normalizer.is_complex():
                 raise TypeError(f"normalizer must be a real number tensor, got {normalizer.dtype}")
-            if normalizer.device.type == "cpu" and not bool(normalizer > 0):
+            if (normalizer.device.type == "cpu" and not torch.compiler.is_compiling()
+                    and not bool(normalizer > 0)):  # a data-dependent branch: eager only
                 raise ValueError(f"normalizer must be > 0, got {normalizer.item()}")
         else:
             normalizer = _number("normalizer", normalizer, positive=True)

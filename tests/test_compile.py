@@ -248,9 +248,6 @@ def test_compiled_train_step_fullgraph_matches_eager(device):
     assert all(p.grad is None for p in student.parameters())
 
 
-@pytest.mark.xfail(reason="kdkernels/api.py check_options: `bool(normalizer > 0)` on a CPU tensor is a "
-                          "data-dependent branch under torch.compile; skip it when torch.compiler.is_compiling()",
-                   strict=False)
 def test_compiled_loss_with_tensor_normalizer():
     """num_items_in_batch-style normalisers are tensors; compiling with one must not graph-break."""
     torch._dynamo.reset()
