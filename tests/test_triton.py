@@ -23,7 +23,7 @@ pytest.importorskip("triton")
 import kdkernels  # noqa: E402
 from kdkernels import reference  # noqa: E402
 from kdkernels.backends import DIVERGENCES, triton_backend as TB  # noqa: E402
-from conftest import DTYPES, TOLERANCES, assert_matches_reference, make_inputs  # noqa: E402
+from conftest import DTYPES, assert_matches_reference, make_inputs  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
