@@ -166,5 +166,8 @@ def status() -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+    """The exception's first line, and the first compiler 'error' line if there is one."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    text = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    err = next((ln for ln in lines[1:] if "error" in ln.lower()), None)
+    return (text + (f" ... {err}" if err else ""))[:400]

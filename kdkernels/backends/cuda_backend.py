@@ -61,8 +61,17 @@ def available(device: torch.device) -> str | None:
 
 
 def status() -> str:
-    """One line for `python -m kdkernels info`: prebuilt, compiled just in time, or why neither."""
-    return _cuda_build.status()
+    """One line for `python -m kdkernels info`: prebuilt, compiled just in time, or why neither.
+
+    Starts no build: before the first use on a GPU it says what is there to load.
+    """
+    text = _cuda_build.status()
+    if text.startswith("not loaded yet"):
+        if torch.version.cuda is None:
+            return f"unusable here: torch {torch.__version__} is not a CUDA build; {text}"
+        if not torch.cuda.is_available():
+            return f"unusable here: no CUDA GPU is visible; {text}"
+    return text
 
 
 def _ops():
