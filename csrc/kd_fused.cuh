@@ -14,6 +14,8 @@
 // pass, so a thread re-reads in shared memory only what it wrote itself.
 #pragma once
 
+#include <cstdio>
+
 #include "kd_common.cuh"
 #include "kd_launch.h"
 
@@ -316,7 +318,19 @@ cudaError_t kd_run_typed(const KdArgs& a, cudaStream_t stream, KdPlan* plan_out,
     attr[0].val.clusterDim.z = 1;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
-    return cudaLaunchKernelEx(&cfg, kernel, p);
+    const cudaError_t cerr = cudaLaunchKernelEx(&cfg, kernel, p);
+    if (cerr == cudaSuccess) return cudaSuccess;
+    // A refused cluster launch (a configuration error, not sticky) falls back to one CTA per
+    // row: the same numbers by the other path, said once on stderr.
+    (void)cudaGetLastError();
+    static bool warned = false;
+    if (!warned) {
+      warned = true;
+      fprintf(stderr, "kdkernels: cluster launch refused (%s); using one CTA per row\n", cudaGetErrorString(cerr));
+    }
+    KdArgs single = a;
+    single.max_cluster = 1;
+    return kd_run_typed<TS, TT, DIV, PROBS>(single, stream, plan_out, launch);
   }
   kernel<<<grid, block, plan.smem, stream>>>(p);
   return cudaGetLastError();
