@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numbers
-from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -93,8 +92,8 @@ def fused_linear_kd_loss(
         if x.device != h.device:
             raise ValueError(f"{name} is on {x.device} but student_hidden is on {h.device}")
     lead = h.shape[:-1]
-    # the logits' shape and device, for the shared label checks (they never exist as a tensor)
-    _check_labels(labels, SimpleNamespace(shape=torch.Size(lead + (V,)), device=h.device), opts)
+    # the shared label checks want the logits' shape and device: a stride-0 view stands in for them
+    _check_labels(labels, h.new_empty(()).expand(*lead, V), opts)
     N = h[..., 0].numel()
     if chunk_size is None:
         chunk_size = auto_chunk_size(N, V, h.dtype, h.device)

@@ -134,3 +134,27 @@ def test_errors():
         fl(h, w, th, tw, torch.tensor([0, 1, 2, 10]))
     with pytest.raises(ValueError, match="hard_weight > 0 needs labels"):
         fl(h, w, th, tw, hard_weight=1.0)
+
+
+def test_compile_fullgraph_all_scale_ops():
+    """The fused-linear, ensemble and top-k ops trace as single opaque nodes (fake + autograd)."""
+    g = torch.Generator().manual_seed(6)
+    s = torch.randn(6, 40, generator=g, requires_grad=True)
+    ts = [torch.randn(6, 40, generator=g) for _ in range(2)]
+    y = torch.randint(0, 40, (6,), generator=g)
+    ids, lp = kdkernels.topk_teacher(ts[0], 5)
+    h, w = torch.randn(6, 8, generator=g, requires_grad=True), torch.randn(40, 8, generator=g, requires_grad=True)
+    th, tw = torch.randn(6, 8, generator=g), torch.randn(40, 8, generator=g)
+
+    def f(s, t0, t1, y, ids, lp, h, w, th, tw):
+        a = kdkernels.kd_loss(s, [t0, t1], y, teacher_weights=[0.3, 0.7], temperature=2.0)
+        b = kdkernels.kd_loss(s, None, y, teacher_topk_ids=ids, teacher_topk_logprobs=lp, divergence="jsd")
+        return a + b + kdkernels.fused_linear_kd_loss(h, w, th, tw, y, chunk_size=4)
+
+    args = (s, *ts, y, ids, lp, h, w, th, tw)
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+    grads = torch.autograd.grad(out, (s, h, w))
+    ref = f(*args)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(grads, torch.autograd.grad(ref, (s, h, w))):
+        torch.testing.assert_close(a, b)
