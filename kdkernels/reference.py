@@ -99,6 +99,16 @@ def kd_loss(
 ):
     """Float64 knowledge-distillation loss; same arguments and semantics as kdkernels.kd_loss."""
     s = student_logits.double()
+    if labels is not None:
+        # Ignored rows count 0 with a zero gradient, whatever they hold: compute them on benign
+        # values (0 logits, uniform probabilities) so that no inf or NaN of theirs leaks into
+        # the backward pass through the masked branch.
+        keep = (labels != ignore_index).unsqueeze(-1)
+        s = torch.where(keep, s, 0.0)
+        if teacher_probs is not None:
+            teacher_probs = torch.where(keep, teacher_probs.double(), 1.0)
+        else:
+            teacher_logits = torch.where(keep, teacher_logits.double(), 0.0)
     log_q = torch.log_softmax(s / temperature, dim=-1)
     log_p = teacher_log_probs(teacher_logits, teacher_probs, temperature)
     soft = divergence_rows(log_p, log_q, divergence, beta)

@@ -88,7 +88,7 @@ def test_no_full_size_buffer_but_the_gradient(dtype, divergence, teacher_grad, m
     assert sum(name == "mul_" for name, _ in big) == (2 if teacher_grad else 1), big
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     N=st.integers(0, 9), V=st.integers(1, 300), dtype=st.sampled_from(DTYPES),
     divergence=st.sampled_from(DIVERGENCES), probs=st.booleans(), labels=st.booleans(),

@@ -39,6 +39,17 @@ def _mul0(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).masked_fill_(a == 0, 0.0)
 
 
+def _sum_mul0(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row sums of _mul0(a, b), keepdim. On the CPU the plain product is summed first and the
+    mask (two more passes) is applied only if a row came out NaN: checking a [rows] vector
+    costs nothing there, whereas on a GPU it would be a device sync."""
+    if a.device.type == "cpu":
+        d = (a * b).sum(-1, keepdim=True)
+        if not bool(d.isnan().any()):
+            return d
+    return _mul0(a, b).sum(-1, keepdim=True)
+
+
 def _log_softmax_stats(x: torch.Tensor):
     """(log_softmax(x), softmax(x)) of a float chunk along the last dim.
 
@@ -53,24 +64,32 @@ def _log_softmax_stats(x: torch.Tensor):
     return log_p, log_p.exp()
 
 
-def divergence_and_grads(log_p, p, log_q, q, code: int, beta: float, teacher: bool = True):
+def divergence_and_grads(log_p, p, log_q, q, code: int, beta: float, teacher: bool = True,
+                         xt=None, xs=None):
     """Per-row divergence D and its gradients w.r.t. the tempered student and teacher logits.
 
     Returns (D [rows, 1], dD/ds' [rows, V], dD/dt' [rows, V] or None unless `teacher`),
-    s' = s / T and t' = t / T.
+    s' = s / T and t' = t / T. xt, xs: t' and s' themselves (optional). The gradients' centred
+    terms such as log p - log q - D are formed from them, (t' - s') - sum p (t' - s'), where the
+    rows' log-sum-exps cancel exactly instead of leaving their float32 rounding
+    (eps * |log p| per element) in a difference that is often far smaller.
     """
     name = DIVERGENCES[code]
+    if xt is None:
+        xt, xs = log_p, log_q
     if name == "kl":
-        r = log_p - log_q
-        D = _mul0(p, r).sum(-1, keepdim=True)
-        return D, q - p, _mul0(p, r.sub_(D)) if teacher else None
+        D = _sum_mul0(p, log_p - log_q)
+        if not teacher:
+            return D, q - p, None
+        rc = xt - xs
+        return D, q - p, _mul0(p, rc.sub_(_sum_mul0(p, rc)))
     if name == "soft_ce":
-        D = -_mul0(p, log_q).sum(-1, keepdim=True)
-        return D, q - p, -_mul0(p, log_q + D) if teacher else None
+        D = -_sum_mul0(p, log_q)
+        return D, q - p, _mul0(p, _sum_mul0(p, xs) - xs) if teacher else None
     if name == "reverse_kl":
-        r = log_q - log_p
-        D = _mul0(q, r).sum(-1, keepdim=True)
-        return D, _mul0(q, r.sub_(D)), p - q if teacher else None
+        D = _sum_mul0(q, log_q - log_p)
+        rc = xs - xt
+        return D, _mul0(q, rc.sub_(_sum_mul0(q, rc))), p - q if teacher else None
     # jsd with 0 < beta < 1 (the API maps beta 0 / 1 to kl / reverse_kl). With m = beta p +
     # (1 - beta) q and u = log p - log q, the log-ratios are taken relative to their value where
     # the other distribution vanishes, so that the dominant entries (ratio ~ 1) carry no
@@ -81,10 +100,30 @@ def divergence_and_grads(log_p, p, log_q, q, code: int, beta: float, teacher: bo
     u = log_p - log_q
     rq = -torch.nn.functional.softplus(u + logit_b)      # log q/m + log(1 - beta)
     rp = -torch.nn.functional.softplus(-logit_b - u)     # log p/m + log(beta)
-    e_q = _mul0(q, rq).sum(-1, keepdim=True)
-    e_p = _mul0(p, rp).sum(-1, keepdim=True)
+    e_q = _sum_mul0(q, rq)
+    e_p = _sum_mul0(p, rp)
     D = beta * (e_p - math.log(beta)) + (1 - beta) * (e_q - math.log1p(-beta))
     return D, (1 - beta) * _mul0(q, rq - e_q), beta * _mul0(p, rp - e_p) if teacher else None
+
+
+def apply_labels(row_loss, dS, s, y, hard_weight, ignore_index, stats_t1=None):
+    """Adds hard_weight * CE(s, y) to the rows' loss and (in place) gradient, then applies the
+    label rules: ignored rows give loss 0 and gradient 0; an out-of-range label (only reachable
+    where the API could not check it without a device sync) gives a NaN row instead of an
+    out-of-bounds read. `stats_t1`: (log_softmax(s), softmax(s)) if already computed (T = 1).
+    Returns (row_loss, ignored)."""
+    V = s.shape[-1]
+    ignored = y == ignore_index
+    bad = ((y < 0) | (y >= V)) & ~ignored
+    if hard_weight != 0:
+        y_safe = torch.where(ignored | bad, 0, y).unsqueeze(-1)
+        log_sm, sm = stats_t1 if stats_t1 is not None else _log_softmax_stats(s)
+        row_loss = row_loss - hard_weight * log_sm.gather(-1, y_safe).squeeze(-1)
+        dS.add_(sm, alpha=hard_weight)
+        dS.scatter_add_(-1, y_safe, torch.full_like(y_safe, -hard_weight, dtype=dS.dtype))
+    row_loss = row_loss.masked_fill(bad, math.nan).masked_fill(ignored, 0.0)
+    dS.masked_fill_(bad.unsqueeze(-1), math.nan).masked_fill_(ignored.unsqueeze(-1), 0.0)
+    return row_loss, ignored
 
 
 def _teacher_tempered(t: torch.Tensor, teacher_is_probs: bool, inv_t: float, acc) -> torch.Tensor:
@@ -109,30 +148,21 @@ def kd_forward(student, teacher, labels, *, teacher_is_probs, temperature, diver
     for a in range(0, N, step):
         b = min(N, a + step)
         s = student[a:b].to(acc)
-        log_q, q = _log_softmax_stats(s * inv_t)
-        log_p, p = _log_softmax_stats(_teacher_tempered(teacher[a:b], teacher_is_probs, inv_t, acc))
-        D, dS, dT = divergence_and_grads(log_p, p, log_q, q, divergence, beta, teacher_grad)
+        xs = s * inv_t
+        xt = _teacher_tempered(teacher[a:b], teacher_is_probs, inv_t, acc)
+        log_q, q = _log_softmax_stats(xs)
+        log_p, p = _log_softmax_stats(xt)
+        D, dS, dT = divergence_and_grads(log_p, p, log_q, q, divergence, beta, teacher_grad, xt, xs)
         row_loss = soft_scale * D.squeeze(-1)
-        dS.mul_(g_scale)
+        # scale straight into the gradient's rows when no cast is needed (saves a copy pass)
+        direct = grad_s.dtype == acc
+        dS = torch.mul(dS, g_scale, out=grad_s[a:b]) if direct else dS.mul_(g_scale)
         if labels is not None:
-            y = labels[a:b]
-            ignored = y == ignore_index
-            bad = (y < 0) | (y >= V)
-            bad &= ~ignored
-            y_safe = torch.where(ignored | bad, 0, y).unsqueeze(-1)
-            if hard_weight != 0:
-                log_sm, sm = (log_q, q) if temperature == 1.0 else _log_softmax_stats(s)
-                row_loss = row_loss - hard_weight * log_sm.gather(-1, y_safe).squeeze(-1)
-                dS.add_(sm, alpha=hard_weight)
-                dS.scatter_add_(-1, y_safe, torch.full_like(y_safe, -hard_weight, dtype=acc))
-            # An out-of-range label (only reachable where the API could not check it
-            # without a device sync) poisons its row with NaN instead of reading out of bounds.
-            row_loss = row_loss.masked_fill(bad, math.nan)
-            dS.masked_fill_(bad.unsqueeze(-1), math.nan)
-            row_loss = row_loss.masked_fill(ignored, 0.0)
-            dS.masked_fill_(ignored.unsqueeze(-1), 0.0)
+            row_loss, ignored = apply_labels(row_loss, dS, s, labels[a:b], hard_weight, ignore_index,
+                                             (log_q, q) if temperature == 1.0 else None)
         loss[a:b] = row_loss
-        grad_s[a:b] = dS
+        if not direct:
+            grad_s[a:b] = dS
         if teacher_grad:
             dT.mul_(g_scale)
             if teacher_is_probs:
@@ -221,22 +251,16 @@ def kd_topk_forward(student, ids, logprobs, labels, *, temperature, divergence, 
         else:  # the API rejects reverse_kl for top-k teachers
             raise ValueError(f"divergence {name!r} is not defined for top-k teachers")
         row_loss = soft_scale * D.squeeze(-1)
-        dS.mul_(g_scale)
+        # scale straight into the gradient's rows when no cast is needed (saves a copy pass)
+        direct = grad_s.dtype == acc
+        dS = torch.mul(dS, g_scale, out=grad_s[a:b]) if direct else dS.mul_(g_scale)
         if labels is not None:
-            y = labels[a:b]
-            ignored = y == ignore_index
-            bad = ((y < 0) | (y >= V)) & ~ignored
-            y_safe = torch.where(ignored | bad, 0, y).unsqueeze(-1)
-            if hard_weight != 0:
-                log_sm, sm = _log_softmax_stats(s)
-                row_loss = row_loss - hard_weight * log_sm.gather(-1, y_safe).squeeze(-1)
-                dS.add_(sm, alpha=hard_weight)
-                dS.scatter_add_(-1, y_safe, torch.full_like(y_safe, -hard_weight, dtype=acc))
-            row_loss = row_loss.masked_fill(bad, math.nan).masked_fill(ignored, 0.0)
-            dS.masked_fill_(bad.unsqueeze(-1), math.nan).masked_fill_(ignored.unsqueeze(-1), 0.0)
+            # q was overwritten by dS above: the hard term recomputes softmax(s)
+            row_loss, ignored = apply_labels(row_loss, dS, s, labels[a:b], hard_weight, ignore_index)
             dT = dT.masked_fill(ignored.unsqueeze(-1), 0.0)
         loss[a:b] = row_loss
-        grad_s[a:b] = dS
+        if not direct:
+            grad_s[a:b] = dS
         if teacher_grad:
             grad_t[a:b] = dT * g_scale
     return loss, grad_s, grad_t
