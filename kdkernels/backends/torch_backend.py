@@ -39,44 +39,69 @@ def _mul0(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).masked_fill_(a == 0, 0.0)
 
 
-def _sum_mul0(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row sums of _mul0(a, b), keepdim. On the CPU the plain product is summed first and the
-    mask (two more passes) is applied only if a row came out NaN: checking a [rows] vector
-    costs nothing there, whereas on a GPU it would be a device sync."""
+def _sum_mul0(a: torch.Tensor, b: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """Row sums of _mul0(a, b), keepdim (in b's storage if `inplace`). On the CPU the plain
+    product is summed first and the mask (two more passes) is applied only if a row came out
+    NaN: checking a [rows] vector costs nothing there, whereas on a GPU it would be a sync."""
+    prod = b.mul_(a) if inplace else a * b
     if a.device.type == "cpu":
-        d = (a * b).sum(-1, keepdim=True)
+        d = prod.sum(-1, keepdim=True)
         if not bool(d.isnan().any()):
             return d
-    return _mul0(a, b).sum(-1, keepdim=True)
+    return prod.masked_fill_(a == 0, 0.0).sum(-1, keepdim=True)
 
 
-def _log_softmax_stats(x: torch.Tensor):
-    """(log_softmax(x), softmax(x)) of a float chunk along the last dim.
+def _log_softmax_stats(x: torch.Tensor, out=None):
+    """(log_softmax(x), softmax(x)) of a float chunk along the last dim, optionally into
+    `out` = (log_p buffer, p buffer).
 
     One fused log_softmax (its passes over a cache-resident row are cheap) and one exp; for
     short rows, where ATen's CPU log_softmax is several times slower than a logsumexp
     (measured 3.5 ms vs 0.8 ms on 7500 x 10), the latter. An all -inf or +inf row gives NaN.
     """
+    lp_out, p_out = out if out is not None else (None, None)
     if x.shape[-1] < 1024:
-        log_p = x - torch.logsumexp(x, -1, keepdim=True)
+        log_p = torch.sub(x, torch.logsumexp(x, -1, keepdim=True), out=lp_out)
     else:
-        log_p = torch.log_softmax(x, -1)
-    return log_p, log_p.exp()
+        log_p = torch.log_softmax(x, -1, out=lp_out)
+    return log_p, torch.exp(log_p, out=p_out)
+
+
+class _Workspace:
+    """Named (rows, V) buffers reused by every chunk of one call. On the CPU a fresh buffer of
+    this size page-faults on every chunk (measured: about a quarter of the forward time)."""
+
+    def __init__(self, rows: int, V: int, dtype: torch.dtype, device: torch.device):
+        self.shape, self.dtype, self.device, self.buffers = (rows, V), dtype, device, {}
+
+    def __call__(self, name: str, n: int) -> torch.Tensor:
+        if name not in self.buffers:
+            self.buffers[name] = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        return self.buffers[name][:n]
+
+    def cast(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """x in the workspace dtype (x itself when it already is)."""
+        return x if x.dtype == self.dtype else self(name, x.shape[0]).copy_(x)
 
 
 def divergence_and_grads(log_p, p, log_q, q, code: int, beta: float, teacher: bool = True,
-                         xt=None, xs=None):
+                         xt=None, xs=None, own: bool = False):
     """Per-row divergence D and its gradients w.r.t. the tempered student and teacher logits.
 
     Returns (D [rows, 1], dD/ds' [rows, V], dD/dt' [rows, V] or None unless `teacher`),
     s' = s / T and t' = t / T. xt, xs: t' and s' themselves (optional). The gradients' centred
     terms such as log p - log q - D are formed from them, (t' - s') - sum p (t' - s'), where the
     rows' log-sum-exps cancel exactly instead of leaving their float32 rounding
-    (eps * |log p| per element) in a difference that is often far smaller.
+    (eps * |log p| per element) in a difference that is often far smaller. own: the four
+    input tensors may be overwritten.
     """
     name = DIVERGENCES[code]
     if xt is None:
         xt, xs = log_p, log_q
+    if own and not teacher and name in ("kl", "soft_ce"):
+        # the common case, in the inputs' own buffers (they are not needed afterwards)
+        D = _sum_mul0(p, log_p.sub_(log_q), inplace=True) if name == "kl" else -_sum_mul0(p, log_q, inplace=True)
+        return D, q.sub_(p), None
     if name == "kl":
         D = _sum_mul0(p, log_p - log_q)
         if not teacher:
@@ -126,11 +151,11 @@ def apply_labels(row_loss, dS, s, y, hard_weight, ignore_index, stats_t1=None):
     return row_loss, ignored
 
 
-def _teacher_tempered(t: torch.Tensor, teacher_is_probs: bool, inv_t: float, acc) -> torch.Tensor:
+def _teacher_tempered(t: torch.Tensor, teacher_is_probs: bool, inv_t: float, out: torch.Tensor) -> torch.Tensor:
+    """t / T, or log(P) / T (log 0 = -inf), into `out` (t already in out's dtype)."""
     if not teacher_is_probs:
-        return t.to(acc) * inv_t
-    P = t.to(acc)
-    return torch.where(P == 0, -math.inf, P.log()) * inv_t
+        return torch.mul(t, inv_t, out=out)
+    return torch.log(t, out=out).mul_(inv_t)
 
 
 def kd_forward(student, teacher, labels, *, teacher_is_probs, temperature, divergence, beta,
@@ -145,14 +170,18 @@ def kd_forward(student, teacher, labels, *, teacher_is_probs, temperature, diver
     inv_t = 1.0 / temperature
     g_scale = soft_scale * inv_t  # d(soft_scale * D)/ds = soft_scale * dD/ds' / T
     step = _rows_per_chunk(V)
+    ws = _Workspace(min(step, N), V, acc, dev)
+    # the hard term at T = 1 reuses (log_q, q): then they must survive divergence_and_grads
+    own = not (labels is not None and hard_weight != 0 and temperature == 1.0)
     for a in range(0, N, step):
         b = min(N, a + step)
-        s = student[a:b].to(acc)
-        xs = s * inv_t
-        xt = _teacher_tempered(teacher[a:b], teacher_is_probs, inv_t, acc)
-        log_q, q = _log_softmax_stats(xs)
-        log_p, p = _log_softmax_stats(xt)
-        D, dS, dT = divergence_and_grads(log_p, p, log_q, q, divergence, beta, teacher_grad, xt, xs)
+        n = b - a
+        s = ws.cast("s", student[a:b])
+        xs = torch.mul(s, inv_t, out=ws("xs", n))
+        xt = _teacher_tempered(ws.cast("t", teacher[a:b]), teacher_is_probs, inv_t, ws("xt", n))
+        log_q, q = _log_softmax_stats(xs, (ws("log_q", n), ws("q", n)))
+        log_p, p = _log_softmax_stats(xt, (ws("log_p", n), ws("p", n)))
+        D, dS, dT = divergence_and_grads(log_p, p, log_q, q, divergence, beta, teacher_grad, xt, xs, own)
         row_loss = soft_scale * D.squeeze(-1)
         # scale straight into the gradient's rows when no cast is needed (saves a copy pass)
         direct = grad_s.dtype == acc
