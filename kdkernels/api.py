@@ -48,7 +48,7 @@ def _rows(x: Tensor) -> Tensor:
 
 
 def check_options(*, temperature, divergence, beta, soft_weight, hard_weight, t_squared,
-                  ignore_index, reduction, normalizer, backend) -> dict:
+                  ignore_index, reduction, normalizer, backend, inplace=False) -> dict:
     """Validate the scalar options shared by kd_loss and KDLoss; returns them normalised."""
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
@@ -58,6 +58,11 @@ def check_options(*, temperature, divergence, beta, soft_weight, hard_weight, t_
         raise ValueError(f"backend must be one of 'auto', 'torch', 'triton', 'cuda', got {backend!r}")
     if not isinstance(t_squared, bool):
         raise TypeError(f"t_squared must be a bool, got {type(t_squared).__name__}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    if inplace and backend not in ("auto", "triton"):
+        raise ValueError(f"inplace=True needs backend='triton' (the only backend that writes the gradient "
+                         f"over the logits), got backend={backend!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     beta = _number("beta", beta)
@@ -80,7 +85,8 @@ def check_options(*, temperature, divergence, beta, soft_weight, hard_weight, t_
         temperature=_number("temperature", temperature, positive=True), divergence=divergence, beta=beta,
         soft_weight=_number("soft_weight", soft_weight, nonnegative=True),
         hard_weight=_number("hard_weight", hard_weight, nonnegative=True), t_squared=t_squared,
-        ignore_index=int(ignore_index), reduction=reduction, normalizer=normalizer, backend=backend)
+        ignore_index=int(ignore_index), reduction=reduction, normalizer=normalizer, backend=backend,
+        inplace=inplace)
 
 
 def kd_loss(
@@ -102,6 +108,7 @@ def kd_loss(
     teacher_topk_ids: Tensor | None = None,
     teacher_topk_logprobs: Tensor | None = None,
     teacher_weights=None,
+    inplace: bool = False,
 ) -> Tensor:
     """Fused knowledge-distillation loss between student and teacher distributions.
 
@@ -132,11 +139,14 @@ def kd_loss(
       divergence "kl", "soft_ce" or "jsd" with beta < 1; "reverse_kl" (and jsd with beta = 1) is
       a ValueError, since KL(q||p) is infinite wherever q has mass outside the k ids. Backend
       "torch" ("auto" picks it). Gradients reach teacher_topk_logprobs when it requires grad.
+
+    inplace=True (Triton backend, eager only): the gradient is written over student_logits'
+    storage instead of a new (N, V) buffer; the logits' values are consumed (kdkernels.inplace).
     """
     opts = check_options(temperature=temperature, divergence=divergence, beta=beta,
                          soft_weight=soft_weight, hard_weight=hard_weight, t_squared=t_squared,
                          ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
-                         backend=backend)
+                         backend=backend, inplace=inplace)
     return _kd_loss(student_logits, teacher_logits, labels, teacher_probs, opts,
                     teacher_topk_ids, teacher_topk_logprobs, teacher_weights)
 
@@ -191,6 +201,9 @@ def _kd_loss(student_logits, teacher_logits, labels, teacher_probs, opts,
              topk_ids=None, topk_logprobs=None, teacher_weights=None):
     if (isinstance(teacher_logits, (list, tuple)) or teacher_weights is not None
             or topk_ids is not None or topk_logprobs is not None):
+        if opts["inplace"]:
+            raise ValueError("inplace=True works with a single teacher_logits / teacher_probs tensor, "
+                             "not with ensembles or top-k teachers")
         from .teachers import kd_rows  # ensembles and top-k teachers (imports this module)
         loss, y = kd_rows(student_logits, teacher_logits, labels, teacher_probs, opts,
                           topk_ids, topk_logprobs, teacher_weights)
@@ -206,6 +219,20 @@ def _kd_loss(student_logits, teacher_logits, labels, teacher_probs, opts,
     lead = s.shape[:-1]
     y = None if labels is None else labels.reshape(-1).long()
     teacher_grad = torch.is_grad_enabled() and t.requires_grad
+    if opts["inplace"]:
+        if backend != "triton":
+            raise ValueError(f"inplace=True needs the Triton backend; backend='auto' resolved to {backend!r} "
+                             f"on {s.device}")
+        s2 = _rows(s)
+        if s2.data_ptr() != s.data_ptr() or s2.stride(-1) != 1:
+            raise ValueError("inplace=True needs student_logits whose rows are a view with unit last-dim "
+                             "stride (got a layout that would need a copy)")
+        from .inplace import kd_rows_inplace
+        loss = kd_rows_inplace(s2, _rows(t), y, teacher_is_probs=teacher_probs is not None, temperature=T,
+                               divergence=DIVERGENCES.index(divergence), beta=beta, soft_scale=soft_scale,
+                               hard_weight=opts["hard_weight"], ignore_index=opts["ignore_index"],
+                               teacher_grad=teacher_grad)
+        return _reduce(loss, y, lead, opts)
     loss, _, _ = ops.kd_fused(_rows(s), _rows(t), y, teacher_probs is not None, T,
                               DIVERGENCES.index(divergence), beta, soft_scale, opts["hard_weight"],
                               opts["ignore_index"], teacher_grad, backend)
@@ -237,12 +264,12 @@ class KDLoss(nn.Module):
 
     def __init__(self, *, temperature=1.0, divergence="kl", beta=0.5, soft_weight=1.0,
                  hard_weight=0.0, t_squared=True, ignore_index=-100, reduction="mean",
-                 normalizer=None, backend="auto"):
+                 normalizer=None, backend="auto", inplace=False):
         super().__init__()
         self.options = check_options(
             temperature=temperature, divergence=divergence, beta=beta, soft_weight=soft_weight,
             hard_weight=hard_weight, t_squared=t_squared, ignore_index=ignore_index,
-            reduction=reduction, normalizer=normalizer, backend=backend)
+            reduction=reduction, normalizer=normalizer, backend=backend, inplace=inplace)
 
     def forward(self, student_logits, teacher_logits=None, labels=None, *, teacher_probs=None,
                 teacher_topk_ids=None, teacher_topk_logprobs=None, teacher_weights=None):

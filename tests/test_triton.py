@@ -277,6 +277,40 @@ def test_in_place_gradient(path):
     assert torch.equal(loss, loss2) and torch.equal(gs, s_work)
 
 
+@pytest.mark.parametrize("divergence", ["kl", "jsd"])
+def test_kd_loss_inplace_api(divergence):
+    """kd_loss(inplace=True): same loss and gradient as the default, written over the logits."""
+    s, t, y = _inputs(6, 101, seed=21)
+    kw = dict(temperature=2.0, divergence=divergence, hard_weight=0.5, backend="triton")
+    base = s.clone().requires_grad_()
+    want = kdkernels.kd_loss(base.view(2, 3, 101), t.view(2, 3, 101), y.view(2, 3), **kw)
+    (want * 1.7).backward()
+    h = s.clone().requires_grad_()
+    logits = h * 1.0  # a non-leaf, as an lm_head output is
+    got = kdkernels.kd_loss(logits.view(2, 3, 101), t.view(2, 3, 101), y.view(2, 3), inplace=True, **kw)
+    assert torch.equal(got, want)
+    (got * 1.7).backward(retain_graph=True)
+    assert torch.equal(h.grad, base.grad)
+    assert torch.equal(logits.detach(), base.grad)  # the logits' storage now holds the gradient
+    with pytest.raises(RuntimeError, match="once per forward"):
+        got.backward()
+
+
+def test_kd_loss_inplace_guards():
+    s, t, _ = _inputs(4, 33, seed=22)
+    logits = s.clone().requires_grad_() * 1.0
+    other = (logits * logits).sum()  # saves the logits: backward must not see the gradient instead
+    loss = kdkernels.kd_loss(logits, t, backend="triton", inplace=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        (loss + other).backward()
+    with pytest.raises(ValueError, match="triton"):
+        kdkernels.kd_loss(s, t, backend="torch", inplace=True)
+    with pytest.raises(TypeError, match="inplace"):
+        kdkernels.kd_loss(s, t, backend="triton", inplace=1)
+    with pytest.raises(ValueError, match="ensembles"):
+        kdkernels.kd_loss(s, [t, t], backend="triton", inplace=True)
+
+
 # ---------------------------------------------------------------- tempered softmax
 
 @pytest.mark.parametrize("path", ["one_block", "blocks"])
