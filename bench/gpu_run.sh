@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session in one script, at most ~8 minutes: environment, CUDA extension build,
-# GPU tests, `kdkernels check`, then `kdkernels bench` at the GPU default sizes.
+# GPU tests, `kdkernels check`, `kdkernels bench` at the GPU default sizes, then the fused
+# lm_head + KD memory/time comparison (bench/fused_linear_memory.py).
 #
 #   bash bench/gpu_run.sh              run everything (from the repository root)
 #   bash bench/gpu_run.sh --dry-run    print the stages, their time limits and commands
@@ -117,7 +118,13 @@ if [ "$MODE" != cpu ]; then
 fi
 stage "tests" 100 240 "$PY" -m pytest "${TESTS[@]}" -q -x -m "not slow" -p no:cacheprovider
 stage "kdkernels check" 60 200 "$PY" -m kdkernels check "${CHECK_ARGS[@]}"
-stage "kdkernels bench" 400 5 "$PY" -m kdkernels bench "${BENCH_ARGS[@]}" --out "$BENCH_PREFIX"
+stage "kdkernels bench" 400 60 "$PY" -m kdkernels bench "${BENCH_ARGS[@]}" --out "$BENCH_PREFIX"
+if [ "$MODE" != cpu ]; then  # issue 5: fused lm_head + KD vs unfused, peak memory and time
+  stage "fused linear N=8192" 45 15 "$PY" bench/fused_linear_memory.py --device cuda --n 8192 --hidden 4096 \
+    --vocab 128256 --dtype bfloat16 --json "$OUT/fused_linear_8192.json"
+  stage "fused linear N=1024" 30 0 "$PY" bench/fused_linear_memory.py --device cuda --n 1024 --hidden 4096 \
+    --vocab 128256 --dtype bfloat16 --json "$OUT/fused_linear_1024.json"
+fi
 
 if [ "$MODE" != dry ]; then
   for f in "$BENCH_PREFIX".json "$BENCH_PREFIX".csv "$BENCH_PREFIX".md; do
