@@ -93,6 +93,7 @@ class DistillationTrainer(Trainer):
             hard_weight=hard_weight, t_squared=t_squared, ignore_index=IGNORE_INDEX, reduction="mean",
             normalizer=None, backend=backend)
         del self.kd_options["normalizer"]  # per batch: num_items_in_batch
+        del self.kd_options["inplace"]  # the trainer never writes over the student's logits
         if use_fused_linear and not hasattr(kdkernels, "fused_linear_kd_loss"):
             raise RuntimeError(f"use_fused_linear=True needs kdkernels.fused_linear_kd_loss, which this kdkernels "
                                f"({kdkernels.__version__}) does not have; use use_fused_linear=False")
