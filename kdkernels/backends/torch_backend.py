@@ -158,15 +158,21 @@ def _teacher_tempered(t: torch.Tensor, teacher_is_probs: bool, inv_t: float, out
     return torch.log(t, out=out).mul_(inv_t)
 
 
+def _outputs(student, teacher, teacher_grad: bool, acc: torch.dtype):
+    """The op's outputs: loss [N] in acc, d/d student like student, d/d teacher like teacher
+    (or [0] when the teacher needs no gradient)."""
+    dev = student.device
+    return (torch.empty(student.shape[0], dtype=acc, device=dev),
+            torch.empty(student.shape, dtype=student.dtype, device=dev),
+            torch.empty(teacher.shape if teacher_grad else (0,), dtype=teacher.dtype, device=dev))
+
+
 def kd_forward(student, teacher, labels, *, teacher_is_probs, temperature, divergence, beta,
                soft_scale, hard_weight, ignore_index, teacher_grad):
     """Fused per-row loss and gradients (see kdkernels.ops.kd_fused for the contract)."""
     N, V = student.shape
-    acc = _acc_dtype(student, teacher)
-    dev = student.device
-    loss = torch.empty(N, dtype=acc, device=dev)
-    grad_s = torch.empty(student.shape, dtype=student.dtype, device=dev)
-    grad_t = torch.empty(teacher.shape if teacher_grad else (0,), dtype=teacher.dtype, device=dev)
+    acc, dev = _acc_dtype(student, teacher), student.device
+    loss, grad_s, grad_t = _outputs(student, teacher, teacher_grad, acc)
     inv_t = 1.0 / temperature
     g_scale = soft_scale * inv_t  # d(soft_scale * D)/ds = soft_scale * dD/ds' / T
     step = _rows_per_chunk(V)
@@ -241,10 +247,7 @@ def kd_topk_forward(student, ids, logprobs, labels, *, temperature, divergence, 
     """
     N, V = student.shape
     acc = _acc_dtype(student, logprobs)
-    dev = student.device
-    loss = torch.empty(N, dtype=acc, device=dev)
-    grad_s = torch.empty(student.shape, dtype=student.dtype, device=dev)
-    grad_t = torch.empty(logprobs.shape if teacher_grad else (0,), dtype=logprobs.dtype, device=dev)
+    loss, grad_s, grad_t = _outputs(student, logprobs, teacher_grad, acc)
     inv_t = 1.0 / temperature
     g_scale = soft_scale * inv_t
     name = DIVERGENCES[divergence]
