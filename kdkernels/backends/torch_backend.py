@@ -53,18 +53,21 @@ def _sum_mul0(a: torch.Tensor, b: torch.Tensor, inplace: bool = False) -> torch.
 
 def _log_softmax_stats(x: torch.Tensor, out=None):
     """(log_softmax(x), softmax(x)) of a float chunk along the last dim, optionally into
-    `out` = (log_p buffer, p buffer).
+    `out` = (log_p buffer, p buffer). An all -inf or +inf row gives NaN: no distribution.
 
-    One fused log_softmax (its passes over a cache-resident row are cheap) and one exp; for
-    short rows, where ATen's CPU log_softmax is several times slower than a logsumexp
-    (measured 3.5 ms vs 0.8 ms on 7500 x 10), the latter. An all -inf or +inf row gives NaN.
+    One exp per element: the fused softmax gives p, and since its largest entry is exactly
+    exp(0) / sum, lse = max(x) - log(max(p)), whence log p = x - lse (two read passes and a
+    subtraction instead of a second exp pass: measured 2x faster than log_softmax + exp at
+    V = 131072 on the CPU, and as accurate). For short rows, where ATen's CPU softmax
+    kernels are slow (7500 x 10: log_softmax 3.5 ms vs logsumexp 0.8 ms), a logsumexp.
     """
     lp_out, p_out = out if out is not None else (None, None)
     if x.shape[-1] < 1024:
         log_p = torch.sub(x, torch.logsumexp(x, -1, keepdim=True), out=lp_out)
-    else:
-        log_p = torch.log_softmax(x, -1, out=lp_out)
-    return log_p, torch.exp(log_p, out=p_out)
+        return log_p, torch.exp(log_p, out=p_out)
+    p = torch.softmax(x, -1, out=p_out)
+    lse = x.amax(-1, keepdim=True).sub_(p.amax(-1, keepdim=True).log_())
+    return torch.sub(x, lse, out=lp_out), p
 
 
 class _Workspace:
