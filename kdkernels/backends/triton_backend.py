@@ -206,3 +206,48 @@ def softmax_backward(y: torch.Tensor, grad_y: torch.Tensor, temperature: float, 
         y, grad_y, out, V, y.stride(0), grad_y.stride(0), out.stride(0), 1.0 / temperature,
         LOG=log, BLOCK=cfg.block, num_warps=cfg.num_warps, STATIC_V=V if _interpreting() else 0)
     return out
+
+
+# Top-k teachers: the k entries of a row are held in one block of registers; above this many
+# the torch backend's implementation runs instead (offline pipelines store k in the tens/hundreds).
+TOPK_MAX_K = 1024
+
+
+def kd_topk_forward(student, ids, logprobs, labels, *, temperature, divergence, beta, soft_scale,
+                    hard_weight, ignore_index, teacher_grad):
+    """Fused per-row loss and gradients against an offline top-k teacher (the contract of
+    kdkernels.ops.kd_topk_fused; torch_backend.kd_topk_forward is the same math). One program
+    per row: two streaming passes over the row's vocabulary, the k entries in one block."""
+    N, V = student.shape
+    k = ids.shape[-1]
+    if k > _TUNING.get("topk_max_k", TOPK_MAX_K):
+        from . import torch_backend
+        return torch_backend.kd_topk_forward(
+            student, ids, logprobs, labels, temperature=temperature, divergence=divergence,
+            beta=beta, soft_scale=soft_scale, hard_weight=hard_weight, ignore_index=ignore_index,
+            teacher_grad=teacher_grad)
+    dev = student.device
+    loss = _empty((N,), torch.float32, dev)
+    grad_s = _empty(student.shape, student.dtype, dev)
+    grad_t = _empty(logprobs.shape if teacher_grad else (0,), logprobs.dtype, dev)
+    if N == 0:
+        return loss, grad_s, grad_t
+    name = DIVERGENCES[divergence]
+    if name not in ("kl", "soft_ce", "jsd"):
+        raise ValueError(f"divergence {name!r} is not defined for top-k teachers")
+    ids = ids.contiguous()
+    logprobs = logprobs.contiguous()
+    one_max = _TUNING.get("one_block_max", ONE_BLOCK_MAX)
+    block = max(16, _next_pow2(V)) if V <= one_max else _TUNING.get("loop_block", LOOP_BLOCK)
+    jsd = name == "jsd"
+    has_hard = labels is not None and hard_weight != 0
+    gt = grad_t if teacher_grad else loss  # never written when teacher_grad is False
+    _kernels()._kd_topk_kernel[(N,)](
+        student, ids, logprobs, labels if labels is not None else loss, loss, grad_s, gt,
+        V, k, student.stride(0), grad_s.stride(0),
+        1.0 / temperature, math.log(beta) if jsd else 0.0, math.log1p(-beta) if jsd else 0.0,
+        beta, soft_scale, soft_scale / temperature, hard_weight, ignore_index,
+        BLOCK=block, KBLOCK=max(16, _next_pow2(k)), DIV=divergence, HAS_LABELS=labels is not None,
+        HAS_HARD=has_hard, HARD_SEP=has_hard and temperature != 1.0, TEACHER_GRAD=teacher_grad,
+        STATIC_V=V if _interpreting() else 0, num_warps=min(16, max(4, block // 512)))
+    return loss, grad_s, grad_t

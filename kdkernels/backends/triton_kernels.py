@@ -417,3 +417,147 @@ def _softmax_bwd_kernel(
         else:
             gx = y * (gy - total)
         _store(gx_row + cols, gx * inv_t, mask)
+
+
+@triton.jit
+def _kd_topk_kernel(
+    s_ptr,        # [N, V] student logits, row stride stride_s, last-dim stride 1
+    ids_ptr,      # [N, K] int64 teacher ids (distinct per row, in [0, V)), contiguous rows
+    lp_ptr,       # [N, K] teacher log-probabilities at ids (T = 1), contiguous rows
+    y_ptr,        # [N] int64 labels (read only if HAS_LABELS)
+    loss_ptr,     # [N] float32 per-row loss
+    gs_ptr,       # [N, V] d loss_row / d student, row stride stride_gs
+    gt_ptr,       # [N, K] d loss_row / d logprobs (written if TEACHER_GRAD), contiguous rows
+    V, K, stride_s, stride_gs,
+    inv_t, log_beta, log1m_beta, beta, soft_scale, g_scale, hard_weight, ignore_index,
+    BLOCK: tl.constexpr,        # columns per step of the two vocabulary passes (power of 2)
+    KBLOCK: tl.constexpr,       # next power of 2 >= K: the k teacher entries in one block
+    DIV: tl.constexpr,          # KL, SOFT_CE or JSD (reverse_kl is infinite for a top-k teacher)
+    HAS_LABELS: tl.constexpr,
+    HAS_HARD: tl.constexpr,     # hard_weight != 0 (needs labels)
+    HARD_SEP: tl.constexpr,     # HAS_HARD and T != 1: softmax(s) needs its own statistics
+    TEACHER_GRAD: tl.constexpr,
+    STATIC_V: tl.constexpr,     # V again, interpreter only (0 on GPUs): see _STATIC_NOTE
+):
+    """One program per row against an offline top-k teacher (torch_backend.kd_topk_forward's math).
+
+    p = softmax(logprobs / T) over the k entries (0 elsewhere), q = softmax(s / T) over V.
+    Pass 1: online (max, sum) of s / T (and of s for the hard term when T != 1). Then the k
+    entries (one block): the divergence, the teacher gradient and the student gradient at the
+    ids. Pass 2: the dense student gradient coef * q / T * soft_scale (+ the hard term) over the
+    whole row; after a barrier the ids' entries are overwritten with their own values, in this
+    program only (no other program touches the row).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * stride_s
+    gs_row = gs_ptr + row * stride_gs
+    if HAS_LABELS:
+        y = tl.load(y_ptr + row)
+        ignored = y == ignore_index
+        bad = ((y < 0) | (y >= V)) & (y != ignore_index)  # NaN row, never an out-of-bounds read
+        y = tl.where(ignored | bad, 0, y)
+    else:
+        y = tl.full([], 0, tl.int64)
+        ignored = y != 0
+        bad = y != 0
+    live = ignored == 0  # an ignored row skips its vocabulary loads (its outputs are 0)
+    s_y = 0.0
+    if HAS_HARD:
+        s_y = tl.load(s_row + y).to(tl.float32)
+    zero = tl.zeros([], tl.float32)
+    offs = tl.arange(0, BLOCK)
+
+    # ---- pass 1: statistics of s' = s / T (and of s)
+    m_s = tl.full([], NEG_INF, tl.float32)
+    m_h = m_s
+    d_s = zero
+    d_h = zero
+    for off in range(0, STATIC_V if STATIC_V else V, BLOCK):
+        cols = off + offs
+        s = tl.load(s_row + cols, mask=(cols < V) & live, other=NEG_INF).to(tl.float32)
+        m_s, d_s = _online(m_s, d_s, s * inv_t)
+        if HARD_SEP:
+            m_h, d_h = _online(m_h, d_h, s)
+    lse_s = _lse(m_s, d_s)
+    lse_h = lse_s
+    if HARD_SEP:
+        lse_h = _lse(m_h, d_h)
+
+    # ---- the k teacher entries
+    kk = tl.arange(0, KBLOCK)
+    kmask = kk < K
+    idx = tl.load(ids_ptr + row * K + kk, mask=kmask, other=0)
+    tp = tl.load(lp_ptr + row * K + kk, mask=kmask, other=NEG_INF).to(tl.float32) * inv_t
+    m_t = tl.max(tp, 0)
+    e_t = tl.exp(tp - tl.where(m_t == NEG_INF, 0.0, m_t))
+    d_t = tl.sum(e_t, 0)
+    p = e_t / d_t
+    log_p = tp - _lse(m_t, d_t)
+    s_k = tl.load(s_row + idx, mask=kmask & live, other=NEG_INF).to(tl.float32)
+    lq = s_k * inv_t - lse_s
+    qk = tl.exp(lq)
+    if DIV == KL:
+        D = tl.sum(_mul0(p, log_p - lq), 0)
+        dT = _mul0(p, log_p - lq - D)
+        g_k = qk - p
+        coef = 1.0 + zero
+    elif DIV == SOFT_CE:
+        D = -tl.sum(_mul0(p, lq), 0)
+        dT = -_mul0(p, lq + D)
+        g_k = qk - p
+        coef = 1.0 + zero
+    else:  # jsd: outside the ids p = 0, m = (1 - beta) q, log(q / m) = c = -log(1 - beta)
+        c = -log1m_beta
+        a = log_p + log_beta
+        b = lq + log1m_beta
+        hi = tl.maximum(a, b)
+        lo = tl.minimum(a, b)
+        log_m = tl.where(hi == NEG_INF, NEG_INF, hi + tl.log(1.0 + tl.exp(lo - hi)))
+        rp = log_p - log_m
+        rq = lq - log_m
+        q_out = tl.maximum(1.0 - tl.sum(qk, 0), 0.0)  # student mass outside the ids
+        kl_qm = tl.sum(_mul0(qk, rq), 0) + c * q_out
+        kl_pm = tl.sum(_mul0(p, rp), 0)
+        D = beta * kl_pm + (1.0 - beta) * kl_qm
+        dT = beta * _mul0(p, rp - kl_pm)
+        g_k = (1.0 - beta) * _mul0(qk, rq - kl_qm)
+        coef = (1.0 - beta) * (c - kl_qm)
+
+    # ---- pass 2: the dense student gradient, every column once
+    for off in range(0, STATIC_V if STATIC_V else V, BLOCK):
+        cols = off + offs
+        smask = cols < V
+        s = tl.load(s_row + cols, mask=smask & live, other=NEG_INF).to(tl.float32)
+        q = tl.exp(s * inv_t - lse_s)
+        g = q * coef * g_scale
+        if HAS_HARD:
+            if HARD_SEP:
+                sm = tl.exp(s - lse_h)
+            else:
+                sm = q
+            g += hard_weight * (sm - tl.where(cols == y, 1.0, 0.0))
+        g = tl.where(bad, float("nan"), g)
+        g = tl.where(ignored, 0.0, g)
+        _store(gs_row + cols, g, smask)
+    # every thread's dense stores land before the ids' entries are overwritten
+    tl.debug_barrier()
+    g_k = g_k * g_scale
+    if HAS_HARD:
+        if HARD_SEP:
+            sm_k = tl.exp(s_k - lse_h)
+        else:
+            sm_k = qk
+        g_k += hard_weight * (sm_k - tl.where(idx == y, 1.0, 0.0))
+    g_k = tl.where(bad, float("nan"), g_k)
+    g_k = tl.where(ignored, 0.0, g_k)
+    _store(gs_row + idx, g_k, kmask)
+    if TEACHER_GRAD:  # d loss / d logprobs: dD/d(lp / T) * soft_scale / T (not NaN on a bad label)
+        gt = tl.where(ignored, 0.0, dT * g_scale)
+        _store(gt_ptr + row * K + kk, gt, kmask)
+
+    loss = soft_scale * D
+    if HAS_HARD:
+        loss += hard_weight * (lse_h - s_y)
+    loss = tl.where(bad, float("nan"), loss)
+    loss = tl.where(ignored, 0.0, loss)
+    tl.store(loss_ptr + row, loss)

@@ -1,0 +1,141 @@
+"""Offline top-k teachers on backend="triton" (triton_backend.kd_topk_forward) against the
+float64 reference and the torch backend.
+
+Without a GPU the kernel runs on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1,
+set before anything imports Triton). Outputs are poisoned with NaN before the kernel writes
+them (tuning(poison=True)), and small block sizes make V = 101 cross several vocabulary blocks.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+import kdkernels  # noqa: E402
+from kdkernels import reference  # noqa: E402
+from kdkernels.backends import triton_backend as TB  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [(torch.float32, 2e-5, 2e-4), (torch.bfloat16, 2e-3, 2e-2)]
+PATHS = {"one_block": {}, "blocks": dict(one_block_max=16, loop_block=32)}
+
+
+def _case(N, V, k, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(N, V, generator=g) * 2).to(dtype)
+    t = torch.randn(N, V, generator=g) * 3
+    ids, lp = kdkernels.topk_teacher(t, k)
+    y = torch.randint(0, V, (N,), generator=g)
+    y[1::4] = -100
+    return s.to(DEVICE), ids.to(DEVICE), lp.to(dtype).to(DEVICE), y.to(DEVICE)
+
+
+def _run(backend, s, ids, lp, y, path="one_block", grad_out=3.0, **kw):
+    s = s.detach().clone().requires_grad_()
+    lp = lp.detach().clone().requires_grad_()
+    with TB.tuning(poison=True, **PATHS[path]):
+        out = kdkernels.kd_loss(s, None, y, teacher_topk_ids=ids, teacher_topk_logprobs=lp,
+                                backend=backend, **kw)
+        gs, gl = torch.autograd.grad((out * grad_out).sum(), (s, lp))
+    return out, gs, gl
+
+
+def _close(a, b, atol, rtol, what):
+    torch.testing.assert_close(a.double().cpu(), b.double().cpu(), atol=atol, rtol=rtol, equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("divergence,beta", [("kl", 0.5), ("soft_ce", 0.5), ("jsd", 0.3), ("jsd", 0.0)])
+@pytest.mark.parametrize("temperature,hard_weight", [(1.0, 0.5), (2.5, 0.5), (2.0, 0.0)])
+def test_matches_reference_and_torch(path, dtype, atol, rtol, divergence, beta, temperature, hard_weight):
+    s, ids, lp, y = _case(9, 101, 7, dtype)   # odd sizes; rows 1 and 5 ignored
+    kw = dict(temperature=temperature, divergence=divergence, beta=beta, hard_weight=hard_weight,
+              reduction="none")
+    out, gs, gl = _run("triton", s, ids, lp, y, path, **kw)
+    assert out.dtype == torch.float32 and gs.dtype == dtype and gl.dtype == dtype
+    sr, lr = s.detach().cpu().requires_grad_(), lp.detach().cpu().requires_grad_()
+    ref = reference.kd_loss_topk(sr, ids.cpu(), lr, y.cpu(), **kw)
+    gsr, glr = torch.autograd.grad((ref * 3.0).sum(), (sr, lr))
+    _close(out, ref, atol, rtol, "loss vs reference")
+    _close(gs, gsr, atol, rtol, "grad student vs reference")
+    _close(gl, glr, atol, rtol, "grad logprobs vs reference")
+    to, tgs, tgl = _run("torch", s, ids, lp, y, **kw)
+    _close(out, to, atol, rtol, "loss vs torch")
+    _close(gs, tgs, atol, rtol, "grad student vs torch")
+    _close(gl, tgl, atol, rtol, "grad logprobs vs torch")
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_labels_edge_cases_match_torch(path):
+    """At the backend level (the API rejects out-of-range labels where it can check them): a
+    custom ignore_index, an out-of-range label (NaN row, never an out-of-bounds read), no labels."""
+    from kdkernels.backends import torch_backend
+    s, ids, lp, y = _case(6, 101, 5, torch.float32, seed=1)
+    y = y.clone()
+    y[1::4] = 7          # ignore_index=7 below (also a valid vocabulary id elsewhere)
+    y[2] = 101           # out of range
+    y[3] = -5            # out of range
+    for code, T, labels, hw in ((0, 1.0, y, 0.7), (1, 1.5, y, 0.7), (3, 1.5, y, 0.7), (3, 1.0, y, 0.0),
+                                (0, 2.0, None, 0.3)):
+        kw = dict(temperature=T, divergence=code, beta=0.4, soft_scale=1.7, hard_weight=hw,
+                  ignore_index=7, teacher_grad=True)
+        with TB.tuning(poison=True, **PATHS[path]):
+            out = TB.kd_topk_forward(s, ids, lp, labels, **kw)
+        ref = torch_backend.kd_topk_forward(s.cpu(), ids.cpu(), lp.cpu(), None if labels is None else labels.cpu(), **kw)
+        for a, b, what in zip(out, ref, ("loss", "grad_s", "grad_t")):
+            _close(a, b, 2e-5, 2e-4, f"code={code} T={T} labels={labels is not None} {what}")
+        loss, gs, gt = out
+        if labels is not None:
+            assert loss[[2, 3]].isnan().all() and gs[[2, 3]].isnan().all() and not loss[[0, 4]].isnan().any()
+            assert (loss[[1, 5]] == 0).all() and (gs[[1, 5]] == 0).all() and (gt[[1, 5]] == 0).all()
+
+
+def test_neg_inf_logprob_no_teacher_grad_and_all_ignored():
+    s, ids, lp, y = _case(5, 40, 5, torch.float32, seed=3)
+    lp = lp.clone()
+    lp[:, -1] = -float("inf")  # an entry with probability 0
+    for div in ("kl", "jsd"):
+        with TB.tuning(poison=True):
+            out = kdkernels.kd_loss(s.requires_grad_(), None, y, teacher_topk_ids=ids.int(),
+                                    teacher_topk_logprobs=lp, divergence=div, backend="triton")
+            (g,) = torch.autograd.grad(out, s)
+        ref = kdkernels.kd_loss(s, None, y, teacher_topk_ids=ids, teacher_topk_logprobs=lp,
+                                divergence=div, backend="torch")
+        (gr,) = torch.autograd.grad(ref, s)
+        _close(out, ref, 1e-5, 1e-4, div)
+        _close(g, gr, 1e-5, 1e-4, div)
+        assert torch.isfinite(g).all()
+    with TB.tuning(poison=True):
+        out = kdkernels.kd_loss(s, labels=torch.full_like(y, -100), teacher_topk_ids=ids,
+                                teacher_topk_logprobs=lp, hard_weight=1.0, backend="triton")
+        (g,) = torch.autograd.grad(out, s)
+    assert out.item() == 0.0 and (g == 0).all()
+
+
+def test_large_k_falls_back_and_routing():
+    s, ids, lp, y = _case(4, 64, 9, torch.float32, seed=4)
+    with TB.tuning(topk_max_k=8):   # k = 9 > 8: the torch implementation runs
+        out = _run("triton", s, ids, lp, y, hard_weight=0.5)
+    ref = _run("torch", s, ids, lp, y, hard_weight=0.5)
+    for a, b in zip(out, ref):
+        _close(a, b, 1e-6, 1e-6, "fallback")
+    with pytest.raises(TypeError, match="float64 inputs run only on backend='torch'"):
+        kdkernels.kd_loss(s.double(), teacher_topk_ids=ids, teacher_topk_logprobs=lp.double(),
+                          backend="triton")
+    with pytest.raises(ValueError, match="backend='torch' or 'triton' only, not backend='cuda'"):
+        kdkernels.kd_loss(s, teacher_topk_ids=ids, teacher_topk_logprobs=lp, backend="cuda")
+
+
+def test_opcheck():
+    s, ids, lp, y = _case(4, 23, 3, torch.float32)
+    from kdkernels import ops
+    for code in (0, 3):
+        torch.library.opcheck(ops.kd_topk_fused, (s.requires_grad_(), ids, lp.detach().requires_grad_(), y,
+                                                  2.0, code, 0.4, 4.0, 0.5, -100, True, "triton"))
