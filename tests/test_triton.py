@@ -427,6 +427,15 @@ for fn, names in [(K._softmax_fwd_kernel, ("x_ptr", "y_ptr")), (K._softmax_bwd_k
     s.update({n: "i32" for n in fn.arg_names if n.startswith("stride") or n == "V"}, inv_t="fp32")
     triton.compile(ASTSource(fn=fn, signature={**s, **{k: "constexpr" for k in c}}, constexprs=c),
                    target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
+tk = {n: "*bf16" for n in ("s_ptr", "lp_ptr", "gs_ptr", "gt_ptr")}
+tk.update(ids_ptr="*i64", y_ptr="*i64", loss_ptr="*fp32", ignore_index="i64")
+tk.update({n: "i32" for n in ("V", "K", "stride_s", "stride_gs")})
+tk.update({n: "fp32" for n in ("inv_t", "log_beta", "log1m_beta", "beta", "soft_scale", "g_scale", "hard_weight")})
+for div, tgrad in [(0, True), (1, False), (3, True)]:  # the top-k teacher kernel: kl, soft_ce, jsd
+    c = dict(BLOCK=4096, KBLOCK=64, DIV=div, HAS_LABELS=True, HAS_HARD=True, HARD_SEP=True,
+             TEACHER_GRAD=tgrad, STATIC_V=0)
+    triton.compile(ASTSource(fn=K._kd_topk_kernel, signature={**tk, **{k: "constexpr" for k in c}}, constexprs=c),
+                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
 print("compiled")
 """
 

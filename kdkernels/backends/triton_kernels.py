@@ -84,6 +84,22 @@ def _combine_lse(ptr, k, kmask):
 
 
 @triton.jit
+def _label(y_ptr, row, V, ignore_index, HAS_LABELS: tl.constexpr):
+    """(safe label, ignored, bad) of a row: an out-of-range label (not ignore_index) makes the
+    row NaN and is replaced by 0, so it is never used as an address."""
+    if HAS_LABELS:
+        y = tl.load(y_ptr + row)
+        ignored = y == ignore_index
+        bad = ((y < 0) | (y >= V)) & (y != ignore_index)
+        y = tl.where(ignored | bad, 0, y)
+    else:
+        y = tl.full([], 0, tl.int64)
+        ignored = y != 0
+        bad = y != 0
+    return y, ignored, bad
+
+
+@triton.jit
 def _mul0(a, b):
     """a * b, exactly 0 where a == 0 (0 * inf and 0 * NaN ratios count 0; a NaN weight stays NaN)."""
     return tl.where(a == 0.0, 0.0, a * b)
@@ -200,15 +216,7 @@ def _kd_fwd_bwd_kernel(
     gs_row = gs_ptr + row * stride_gs
     gt_row = gt_ptr + row * stride_gt
     part = row * splits + split
-    if HAS_LABELS:
-        y = tl.load(y_ptr + row)
-        ignored = y == ignore_index
-        bad = ((y < 0) | (y >= V)) & (y != ignore_index)  # NaN row, never an out-of-bounds read
-        y = tl.where(ignored | bad, 0, y)
-    else:
-        y = tl.full([], 0, tl.int64)
-        ignored = y != 0
-        bad = y != 0
+    y, ignored, bad = _label(y_ptr, row, V, ignore_index, HAS_LABELS)
     live = ignored == 0  # an ignored row skips its loads (its outputs are 0 whatever they hold)
     s_y = 0.0
     if HAS_HARD:  # read before this program overwrites the row (in-place mode)
@@ -451,15 +459,7 @@ def _kd_topk_kernel(
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_s
     gs_row = gs_ptr + row * stride_gs
-    if HAS_LABELS:
-        y = tl.load(y_ptr + row)
-        ignored = y == ignore_index
-        bad = ((y < 0) | (y >= V)) & (y != ignore_index)  # NaN row, never an out-of-bounds read
-        y = tl.where(ignored | bad, 0, y)
-    else:
-        y = tl.full([], 0, tl.int64)
-        ignored = y != 0
-        bad = y != 0
+    y, ignored, bad = _label(y_ptr, row, V, ignore_index, HAS_LABELS)
     live = ignored == 0  # an ignored row skips its vocabulary loads (its outputs are 0)
     s_y = 0.0
     if HAS_HARD:
