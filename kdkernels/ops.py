@@ -153,9 +153,12 @@ def kd_ensemble_fused(
 ) -> tuple[Tensor, Tensor]:
     """Per-row loss [N] and d loss_row / d student [N, V] against p = sum_k w_k softmax(t_k / T)."""
     from .backends.chunked import ensemble_forward
-    return ensemble_forward(backend, student, teachers, weights, labels, temperature=temperature,
-                            divergence=divergence, beta=beta, soft_scale=soft_scale,
-                            hard_weight=hard_weight, ignore_index=ignore_index)
+    kw = dict(temperature=temperature, divergence=divergence, beta=beta, soft_scale=soft_scale,
+              hard_weight=hard_weight, ignore_index=ignore_index)
+    fused = getattr(module(backend), "kd_ensemble_forward", None)  # the mixture inside the kernel
+    if fused is not None:
+        return fused(student, teachers, weights, labels, **kw)
+    return ensemble_forward(backend, student, teachers, weights, labels, **kw)
 
 
 @kd_ensemble_fused.register_fake

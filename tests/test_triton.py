@@ -311,6 +311,79 @@ def test_kd_loss_inplace_guards():
         kdkernels.kd_loss(s, [t, t], backend="triton", inplace=True)
 
 
+# ---------------------------------------------------------------- teacher ensembles
+
+def _ensemble(N, V, K, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(N, V, generator=g) * 2).to(DEVICE, dtype).requires_grad_()
+    ts = [(torch.randn(N, V, generator=g) * 3).to(DEVICE, dtype) for _ in range(K)]
+    y = torch.randint(0, V, (N,), generator=g).to(DEVICE)
+    y[1] = -100
+    return s, ts, y
+
+
+def _check_ensemble(s, ts, y, w, path, atol, rtol, **kw):
+    go = torch.rand(s.shape[0], generator=torch.Generator().manual_seed(7), dtype=torch.float64) + 0.5
+    with TB.tuning(poison=True, **PATHS[path]):
+        out = kdkernels.kd_loss(s, ts, y, teacher_weights=w, backend="triton", reduction="none", **kw)
+        (g,) = torch.autograd.grad(out, s, go.to(out.device, out.dtype))
+    if w is not None:  # the reference mixes every teacher: a zero-weight NaN one would poison it
+        ts, w = zip(*[(t, x) for t, x in zip(ts, w) if x > 0])
+    ref = reference.kd_loss_ensemble(s.cpu(), [t.cpu() for t in ts], y.cpu(), teacher_weights=w,
+                                     reduction="none", **kw)
+    (g_ref,) = torch.autograd.grad(ref, s, go)
+    _close(out, ref, atol, rtol, "ensemble loss")
+    _close(g, g_ref, atol, rtol, "ensemble student grad")
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_ensemble_fused_paths(divergence, path):
+    """K = 2..4 teachers mixed inside the kernel, on each launch path, against the float64 mixture."""
+    K = 2 + DIVERGENCES.index(divergence) % 3
+    s, ts, y = _ensemble(4, 101, K, torch.float32, seed=40 + K)
+    _check_ensemble(s, ts, y, [0.5, 2.0, 1.5, 1.0][:K], path, 2e-5, 2e-4, temperature=2.0,
+                    divergence=divergence, beta=0.3, hard_weight=0.25, soft_weight=0.7)
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", [(torch.bfloat16, 2e-3, 2e-2), (torch.float16, 1e-3, 1e-2)],
+                         ids=["bf16", "fp16"])
+def test_ensemble_half_precision_and_odd_vocab(dtype, atol, rtol):
+    s, ts, y = _ensemble(3, 1271, 3, dtype, seed=45)
+    _check_ensemble(s, ts, y, None, "split", atol, rtol, temperature=1.0, hard_weight=1.0)
+
+
+def test_ensemble_zero_weight_teacher_never_read_and_fallbacks(monkeypatch):
+    s, ts, y = _ensemble(4, 101, 5, torch.float32, seed=46)
+    ts[2] = torch.full_like(ts[2], float("nan"))  # weight 0: must not reach the mixture
+    w = [1.0, 2.0, 0.0, 1.0, 0.5]
+    _check_ensemble(s, ts, y, w, "blocks", 2e-5, 2e-4, divergence="jsd", temperature=1.5)
+    # 4 live teachers: fused; with max_ensemble=2 the chunked composite runs the same case
+    from kdkernels.backends import chunked
+    calls = []
+    real = chunked.ensemble_forward
+    monkeypatch.setattr(chunked, "ensemble_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with TB.tuning(max_ensemble=2):
+        _check_ensemble(s, ts, y, w, "split", 2e-5, 2e-4, divergence="kl", temperature=1.5)
+    assert calls
+    calls.clear()
+    _check_ensemble(s, ts, y, [0.0, 1.0, 0.0, 0.0, 0.0], "one_block", 2e-5, 2e-4, divergence="kl")
+    assert not calls  # one live teacher: the plain kernel
+
+
+def test_ensemble_nan_and_ignored_rows():
+    s, ts, y = _ensemble(4, 101, 2, torch.float32, seed=47)
+    ts[1] = ts[1].clone()
+    ts[1][0, 5] = float("nan")  # NaN in a teacher: that row's loss and gradient are NaN
+    ts[1][1] = float("nan")     # ... unless the row is ignored (y[1] = -100)
+    with TB.tuning(poison=True, **PATHS["blocks"]):
+        out = kdkernels.kd_loss(s, ts, y, backend="triton", reduction="none", hard_weight=0.5)
+        (g,) = torch.autograd.grad(out.sum(), s)
+    assert torch.isnan(out[0]) and torch.isnan(g[0]).all()
+    assert out[1] == 0 and (g[1] == 0).all()
+    assert torch.isfinite(out[2:]).all() and torch.isfinite(g[2:]).all()
+
+
 # ---------------------------------------------------------------- tempered softmax
 
 @pytest.mark.parametrize("path", ["one_block", "blocks"])
@@ -407,16 +480,19 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kdkernels.backends import triton_kernels as K
-sig = {n: "*bf16" for n in ("s_ptr", "t_ptr", "gs_ptr", "gt_ptr")}
-sig.update(y_ptr="*i64", loss_ptr="*fp32", stats_ptr="*fp32", dsum_ptr="*fp32", ignore_index="i64")
-sig.update({n: "i32" for n in ("V", "stride_s", "stride_t", "stride_gs", "stride_gt", "splits", "SPAN")})
+sig = {n: "*bf16" for n in ("s_ptr", "t_ptr", "gs_ptr", "gt_ptr", "t1_ptr", "t2_ptr", "t3_ptr")}
+sig.update(y_ptr="*i64", loss_ptr="*fp32", stats_ptr="*fp32", dsum_ptr="*fp32", mix_ptr="*fp32", ignore_index="i64")
+sig.update({n: "i32" for n in ("V", "stride_s", "stride_t", "stride_gs", "stride_gt", "stride_t1", "stride_t2",
+                               "stride_t3", "splits", "SPAN")})
 sig.update({n: "fp32" for n in ("inv_t", "log_b1", "log_b2", "w1", "w2", "soft_scale", "g_scale", "hard_weight")})
-for phase, one, div, probs, tgrad in [(0, True, 3, True, True), (0, False, 0, False, False),
-                                      (1, False, 2, False, False), (2, False, 3, True, True),
-                                      (3, False, 1, False, True)]:
+for phase, one, div, probs, tgrad, nt in [(0, True, 3, True, True, 1), (0, False, 0, False, False, 1),
+                                          (1, False, 2, False, False, 1), (2, False, 3, True, True, 1),
+                                          (3, False, 1, False, True, 1), (0, True, 0, False, False, 2),
+                                          (0, False, 3, False, False, 4), (1, False, 0, False, False, 3),
+                                          (3, False, 2, False, False, 3)]:
     c = dict(PHASE=phase, BLOCK=8192 if one else 4096, ONE_BLOCK=one, SPLITS_P2=16, DIV=div,
              TEACHER_PROBS=probs, HAS_LABELS=True, HAS_HARD=True, HARD_SEP=True, TEACHER_GRAD=tgrad,
-             NEED_D=div >= 2 or tgrad, STATIC_SPAN=0)
+             NEED_D=div >= 2 or tgrad, STATIC_SPAN=0, NT=nt)
     src = ASTSource(fn=K._kd_fwd_bwd_kernel, signature={**sig, **{k: "constexpr" for k in c}}, constexprs=c)
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
 for fn, names in [(K._softmax_fwd_kernel, ("x_ptr", "y_ptr")), (K._softmax_bwd_kernel, ("y_ptr", "gy_ptr", "gx_ptr"))]:
@@ -427,6 +503,13 @@ for fn, names in [(K._softmax_fwd_kernel, ("x_ptr", "y_ptr")), (K._softmax_bwd_k
     s.update({n: "i32" for n in fn.arg_names if n.startswith("stride") or n == "V"}, inv_t="fp32")
     triton.compile(ASTSource(fn=fn, signature={**s, **{k: "constexpr" for k in c}}, constexprs=c),
                    target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
+ms = {n: "*bf16" for n in ("t_ptr", "t1_ptr", "t2_ptr", "t3_ptr")}
+ms.update(mix_ptr="*fp32", **{n: "i32" for n in ("V", "stride_t", "stride_t1", "stride_t2", "stride_t3")})
+ms.update({n: "fp32" for n in ("inv_t", "lw0", "lw1", "lw2", "lw3")})
+for nt in (2, 4):  # the ensemble's per-teacher statistics
+    c = dict(NT=nt, BLOCK=4096, STATIC_V=0)
+    triton.compile(ASTSource(fn=K._mixture_stats_kernel, signature={**ms, **{k: "constexpr" for k in c}},
+                             constexprs=c), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
 tk = {n: "*bf16" for n in ("s_ptr", "lp_ptr", "gs_ptr", "gt_ptr")}
 tk.update(ids_ptr="*i64", y_ptr="*i64", loss_ptr="*fp32", ignore_index="i64")
 tk.update({n: "i32" for n in ("V", "K", "stride_s", "stride_gs")})

@@ -3,7 +3,9 @@
 Two features need a per-chunk step before the fused KD kernel and would
 otherwise materialise an (N, V) tensor:
 
-- teacher ensembles: the mixture log p = logsumexp_k(log w_k + log_softmax(t_k / T))
+- teacher ensembles (on backends without a kd_ensemble_forward of their own, i.e. all but
+  Triton, and on Triton beyond its MAX_ENSEMBLE teachers): the mixture
+  log p = logsumexp_k(log w_k + log_softmax(t_k / T))
   is built one chunk of rows at a time and handed to kd_forward as teacher
   logits T * log p (so that the kernel's own log_softmax(t / T) gives back log p);
 - fused lm_head + KD: both logit chunks are computed from the hidden states and the

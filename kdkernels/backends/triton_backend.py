@@ -137,11 +137,51 @@ def kd_forward(student, teacher, labels, *, teacher_is_probs, temperature, diver
     return loss, grad_s, grad_t
 
 
+# Teacher ensembles: up to this many teachers (with non-zero weight) are mixed on the fly inside
+# the fused kernel; larger ensembles go through chunked.ensemble_forward (a (rows, V) mixture per chunk).
+MAX_ENSEMBLE = 4
+
+
+def kd_ensemble_forward(student, teachers, weights, labels, *, temperature, divergence, beta,
+                        soft_scale, hard_weight, ignore_index):
+    """(loss [N] float32, grad_s [N, V]) against p = sum_k w_k softmax(t_k / T) (the contract of
+    kdkernels.ops.kd_ensemble_fused). A pre-pass writes each row's log w_k - lse(t_k / T)
+    ([N, K] float32); the fused kernel then forms log p block by block from the teachers'
+    logits, so no (N, V) mixture exists. Teachers with weight 0 are never read."""
+    live = [(t, w) for t, w in zip(teachers, weights) if w > 0]
+    kw = dict(temperature=temperature, divergence=divergence, beta=beta, soft_scale=soft_scale,
+              hard_weight=hard_weight, ignore_index=ignore_index)
+    if len(live) > _TUNING.get("max_ensemble", MAX_ENSEMBLE):
+        from .chunked import ensemble_forward
+        return ensemble_forward(NAME, student, [t for t, _ in live], [w for _, w in live], labels, **kw)
+    grad_s = _empty(student.shape, student.dtype, student.device)
+    loss, _ = kd_forward_into(student, live[0][0], labels, grad_s, teacher_is_probs=False,
+                              teacher_grad=False, ensemble=live, **kw)
+    return loss, grad_s
+
+
+def _mixture_stats(teachers, weights, temperature):
+    """[N, K] float32: log w_k - lse(t_k / T) per row (one program per row)."""
+    t0 = teachers[0]
+    N, V = t0.shape
+    pad = teachers + [t0] * (4 - len(teachers))
+    lw = [math.log(w) for w in weights] + [0.0] * (4 - len(weights))
+    mix = _empty((N, len(teachers)), torch.float32, t0.device)
+    cfg = launch_config(N, V, t0.device)
+    block = cfg.block if cfg.one_block else _TUNING.get("loop_block", LOOP_BLOCK)
+    _kernels()._mixture_stats_kernel[(N,)](
+        *pad, mix, V, *(t.stride(0) for t in pad), 1.0 / temperature, *lw,
+        NT=len(teachers), BLOCK=block, STATIC_V=V if _interpreting() else 0, num_warps=cfg.num_warps)
+    return mix
+
+
 def kd_forward_into(student, teacher, labels, grad_s, *, teacher_is_probs, temperature, divergence,
-                    beta, soft_scale, hard_weight, ignore_index, teacher_grad):
+                    beta, soft_scale, hard_weight, ignore_index, teacher_grad, ensemble=None):
     """kd_forward writing d loss_row / d student into `grad_s` ([N, V], student.dtype, last-dim
     stride 1). `grad_s` may be `student` itself (in-place mode: the logits are consumed; every
-    element is read before its gradient overwrites it). Returns (loss [N] float32, grad_t)."""
+    element is read before its gradient overwrites it). Returns (loss [N] float32, grad_t).
+    `ensemble`: [(teacher logits, weight > 0)] of 1..MAX_ENSEMBLE teachers (weights summing to 1),
+    mixed in the kernel; `teacher` is then its first teacher."""
     N, V = student.shape
     dev = student.device
     grad_t = _empty(teacher.shape if teacher_grad else (0,), teacher.dtype, dev)
@@ -149,6 +189,11 @@ def kd_forward_into(student, teacher, labels, grad_s, *, teacher_is_probs, tempe
         return torch.zeros(0, dtype=torch.float32, device=dev), grad_t
     K = _kernels()
     cfg = launch_config(N, V, dev)
+    tx, nt, mix = [teacher] * 3, 1, None
+    if ensemble is not None and len(ensemble) > 1:
+        nt = len(ensemble)
+        tx = [t for t, _ in ensemble[1:]] + [teacher] * (4 - nt)
+        mix = _mixture_stats([t for t, _ in ensemble], [w for _, w in ensemble], temperature)
     name = DIVERGENCES[divergence]
     jsd = name == "jsd"
     uses_r1, uses_r2 = name != "reverse_kl", name in ("reverse_kl", "jsd")
@@ -164,13 +209,14 @@ def kd_forward_into(student, teacher, labels, grad_s, *, teacher_is_probs, tempe
     dsum = _empty((N, cfg.splits, 2), **f32) if cfg.splits > 1 and need_d else loss
     gt = grad_t if teacher_grad else grad_s  # never written when teacher_grad is False
     args = (student, teacher, labels if labels is not None else loss, loss, grad_s, gt, stats, dsum,
-            V, student.stride(0), teacher.stride(0), grad_s.stride(0), gt.stride(0), cfg.splits,
-            cfg.span, 1.0 / temperature, log_b1, log_b2, w1, w2, soft_scale,
+            *tx, mix if mix is not None else loss,
+            V, student.stride(0), teacher.stride(0), grad_s.stride(0), gt.stride(0),
+            *(t.stride(0) for t in tx), cfg.splits, cfg.span, 1.0 / temperature, log_b1, log_b2, w1, w2, soft_scale,
             soft_scale / temperature, hard_weight, ignore_index)
     flags = dict(BLOCK=cfg.block, ONE_BLOCK=cfg.one_block, SPLITS_P2=_next_pow2(cfg.splits),
                  DIV=divergence, TEACHER_PROBS=teacher_is_probs, HAS_LABELS=labels is not None,
                  HAS_HARD=has_hard, HARD_SEP=has_hard and temperature != 1.0,
-                 TEACHER_GRAD=teacher_grad, NEED_D=need_d, num_warps=cfg.num_warps,
+                 TEACHER_GRAD=teacher_grad, NEED_D=need_d, NT=nt, num_warps=cfg.num_warps,
                  STATIC_SPAN=cfg.span if _interpreting() else 0)
     if cfg.splits == 1:
         K._kd_fwd_bwd_kernel[(N, 1)](*args, PHASE=0, **flags)

@@ -106,10 +106,34 @@ def _mul0(a, b):
 
 
 @triton.jit
-def _load_block(s_row, t_row, cols, mask, inv_t, TEACHER_PROBS: tl.constexpr):
-    """(s, s', t', P) in float32 for one block; masked lanes read as -inf logits / zero probability."""
+def _logaddexp(a, b):
+    hi = tl.maximum(a, b)
+    lo = tl.minimum(a, b)
+    return tl.where(hi == NEG_INF, NEG_INF, hi + tl.log(1.0 + tl.exp(lo - hi)))
+
+
+@triton.jit
+def _mixture_block(t_row, tx_row, mix_row, cols, mask, inv_t, NT: tl.constexpr):
+    """log p of an ensemble of NT teachers on one block: logsumexp_k(t_k / T + mix_k), with
+    mix_k = log w_k - lse(t_k / T) of this row (so p = sum_k w_k softmax(t_k / T)).
+    tx_row holds the row pointers of teachers 1..3 (unused entries repeat t_row)."""
+    x = tl.load(t_row + cols, mask=mask, other=NEG_INF).to(tl.float32) * inv_t + tl.load(mix_row)
+    for k in tl.static_range(1, NT):
+        xk = tl.load(tx_row[k - 1] + cols, mask=mask, other=NEG_INF).to(tl.float32) * inv_t
+        x = _logaddexp(x, xk + tl.load(mix_row + k))
+    return x
+
+
+@triton.jit
+def _load_block(s_row, t_row, tx_row, mix_row, cols, mask, inv_t, TEACHER_PROBS: tl.constexpr,
+                NT: tl.constexpr):
+    """(s, s', t', P) in float32 for one block; masked lanes read as -inf logits / zero probability.
+    With NT > 1 teachers, t' is the mixture's log-probability (P is unused then)."""
     s = tl.load(s_row + cols, mask=mask, other=NEG_INF).to(tl.float32)
-    if TEACHER_PROBS:
+    if NT > 1:
+        tp = _mixture_block(t_row, tx_row, mix_row, cols, mask, inv_t, NT)
+        P = tp
+    elif TEACHER_PROBS:
         P = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32)
         tp = tl.log(P) * inv_t  # log(0) = -inf: p = 0, contributes 0
     else:
@@ -131,11 +155,7 @@ def _ratios(log_p, log_q, log_b1, log_b2, DIV: tl.constexpr):
         r2 = log_q - log_p
         r1 = r2
     else:  # jsd: log m = logaddexp(log p + log beta, log q + log(1 - beta))
-        a = log_p + log_b1
-        b = log_q + log_b2
-        hi = tl.maximum(a, b)
-        lo = tl.minimum(a, b)
-        log_m = tl.where(hi == NEG_INF, NEG_INF, hi + tl.log(1.0 + tl.exp(lo - hi)))
+        log_m = _logaddexp(log_p + log_b1, log_q + log_b2)
         r1 = log_p - log_m
         r2 = log_q - log_m
     return r1, r2
@@ -190,7 +210,9 @@ def _kd_fwd_bwd_kernel(
     gt_ptr,       # [N, V] d loss_row / d teacher, row stride stride_gt (written if TEACHER_GRAD)
     stats_ptr,    # [N, splits, 6] float32 per-split (max, sum) of s', t', s   (PHASE 1 writes, 2/3 read)
     dsum_ptr,     # [N, splits, 2] float32 per-split D1, D2                      (PHASE 2 writes, 3 reads)
-    V, stride_s, stride_t, stride_gs, stride_gt, splits, SPAN,
+    t1_ptr, t2_ptr, t3_ptr,  # ensembles (NT > 1): teachers 1..NT-1 as t_ptr; unused ones repeat t_ptr
+    mix_ptr,      # [N, NT] float32 log w_k - lse(t_k / T) per row (read if NT > 1)
+    V, stride_s, stride_t, stride_gs, stride_gt, stride_t1, stride_t2, stride_t3, splits, SPAN,
     inv_t, log_b1, log_b2, w1, w2, soft_scale, g_scale, hard_weight, ignore_index,
     PHASE: tl.constexpr,        # 0: whole row in this program; 1: split stats; 2: split D sums; 3: split gradients
     BLOCK: tl.constexpr,        # columns per step (power of 2); SPAN is a multiple of it
@@ -204,6 +226,7 @@ def _kd_fwd_bwd_kernel(
     TEACHER_GRAD: tl.constexpr,
     NEED_D: tl.constexpr,       # the gradient needs the row's D1 / D2 before it is written
     STATIC_SPAN: tl.constexpr,  # SPAN again, interpreter only (0 on GPUs): see _STATIC_NOTE
+    NT: tl.constexpr = 1,       # teachers: 1, or 2..4 for an ensemble mixed on the fly (logits, no grad)
 ):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -213,6 +236,8 @@ def _kd_fwd_bwd_kernel(
     hi = tl.minimum(V, lo + SPAN)
     s_row = s_ptr + row * stride_s
     t_row = t_ptr + row * stride_t
+    tx_row = (t1_ptr + row * stride_t1, t2_ptr + row * stride_t2, t3_ptr + row * stride_t3)
+    mix_row = mix_ptr + row * NT
     gs_row = gs_ptr + row * stride_gs
     gt_row = gt_ptr + row * stride_gt
     part = row * splits + split
@@ -227,7 +252,7 @@ def _kd_fwd_bwd_kernel(
     if ONE_BLOCK:
         cols = offs
         smask = cols < V
-        s, sp, tp, P = _load_block(s_row, t_row, cols, smask & live, inv_t, TEACHER_PROBS)
+        s, sp, tp, P = _load_block(s_row, t_row, tx_row, mix_row, cols, smask & live, inv_t, TEACHER_PROBS, NT)
         m_s = tl.max(sp, 0)
         e_s = tl.exp(sp - tl.where(m_s == NEG_INF, 0.0, m_s))
         d_s = tl.sum(e_s, 0)
@@ -262,7 +287,7 @@ def _kd_fwd_bwd_kernel(
             d_h = zero
             for off in range(0, STATIC_SPAN if STATIC_SPAN else SPAN, BLOCK):
                 cols = lo + off + offs
-                s, sp, tp, P = _load_block(s_row, t_row, cols, (cols < hi) & live, inv_t, TEACHER_PROBS)
+                s, sp, tp, P = _load_block(s_row, t_row, tx_row, mix_row, cols, (cols < hi) & live, inv_t, TEACHER_PROBS, NT)
                 m_s, d_s = _online(m_s, d_s, sp)
                 m_t, d_t = _online(m_t, d_t, tp)
                 if HARD_SEP:
@@ -301,7 +326,7 @@ def _kd_fwd_bwd_kernel(
                 else:
                     for off in range(0, STATIC_SPAN if STATIC_SPAN else SPAN, BLOCK):
                         cols = lo + off + offs
-                        s, sp, tp, P = _load_block(s_row, t_row, cols, (cols < hi) & live, inv_t, TEACHER_PROBS)
+                        s, sp, tp, P = _load_block(s_row, t_row, tx_row, mix_row, cols, (cols < hi) & live, inv_t, TEACHER_PROBS, NT)
                         log_q = sp - lse_s
                         log_p = tp - lse_t
                         r1, r2 = _ratios(log_p, log_q, log_b1, log_b2, DIV)
@@ -317,7 +342,7 @@ def _kd_fwd_bwd_kernel(
                 for off in range(0, STATIC_SPAN if STATIC_SPAN else SPAN, BLOCK):
                     cols = lo + off + offs
                     smask = cols < hi
-                    s, sp, tp, P = _load_block(s_row, t_row, cols, smask & live, inv_t, TEACHER_PROBS)
+                    s, sp, tp, P = _load_block(s_row, t_row, tx_row, mix_row, cols, smask & live, inv_t, TEACHER_PROBS, NT)
                     log_q = sp - lse_s
                     log_p = tp - lse_t
                     q = tl.exp(log_q)
@@ -345,6 +370,31 @@ def _kd_fwd_bwd_kernel(
         loss = tl.where(bad, float("nan"), loss)
         loss = tl.where(ignored, 0.0, loss)
         tl.store(loss_ptr + part, loss)
+
+
+@triton.jit
+def _mixture_stats_kernel(
+    t_ptr, t1_ptr, t2_ptr, t3_ptr,  # NT teachers' [N, V] logits (unused pointers repeat t_ptr)
+    mix_ptr,      # [N, NT] float32 out: log w_k - lse(t_k / T)
+    V, stride_t, stride_t1, stride_t2, stride_t3, inv_t, lw0, lw1, lw2, lw3,  # lw_k = log w_k
+    NT: tl.constexpr, BLOCK: tl.constexpr,
+    STATIC_V: tl.constexpr,     # V again, interpreter only (0 on GPUs)
+):
+    """Per-row statistics of an ensemble's teachers, read once before _kd_fwd_bwd_kernel mixes
+    them on the fly (one program per row, one streaming pass per teacher)."""
+    row = tl.program_id(0).to(tl.int64)
+    rows = (t_ptr + row * stride_t, t1_ptr + row * stride_t1, t2_ptr + row * stride_t2,
+            t3_ptr + row * stride_t3)
+    log_w = (lw0, lw1, lw2, lw3)
+    offs = tl.arange(0, BLOCK)
+    for k in tl.static_range(NT):
+        m = tl.full([], NEG_INF, tl.float32)
+        d = tl.zeros([], tl.float32)
+        for off in range(0, STATIC_V if STATIC_V else V, BLOCK):
+            cols = off + offs
+            x = tl.load(rows[k] + cols, mask=cols < V, other=NEG_INF).to(tl.float32) * inv_t
+            m, d = _online(m, d, x)
+        tl.store(mix_ptr + row * NT + k, log_w[k] - _lse(m, d))
 
 
 @triton.jit
@@ -508,11 +558,7 @@ def _kd_topk_kernel(
         coef = 1.0 + zero
     else:  # jsd: outside the ids p = 0, m = (1 - beta) q, log(q / m) = c = -log(1 - beta)
         c = -log1m_beta
-        a = log_p + log_beta
-        b = lq + log1m_beta
-        hi = tl.maximum(a, b)
-        lo = tl.minimum(a, b)
-        log_m = tl.where(hi == NEG_INF, NEG_INF, hi + tl.log(1.0 + tl.exp(lo - hi)))
+        log_m = _logaddexp(log_p + log_beta, lq + log1m_beta)
         rp = log_p - log_m
         rq = lq - log_m
         q_out = tl.maximum(1.0 - tl.sum(qk, 0), 0.0)  # student mass outside the ids
