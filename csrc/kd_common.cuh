@@ -1,5 +1,6 @@
-// Device helpers shared by the KD and softmax kernels: dtype conversion, 16-byte packs,
-// NaN-propagating online max/sum, and deterministic block / cluster reductions.
+// Device helpers shared by the KD, top-k and softmax kernels: dtype conversion, 16-byte packs
+// and the loop over them, NaN-propagating online max/sum, and deterministic block / cluster
+// reductions.
 //
 // CUDA headers only (no torch): every .cu file compiles with nvcc alone.
 #pragma once
@@ -101,6 +102,17 @@ __device__ __forceinline__ void maxsum_merge(float& m, float& d, float m2, float
 
 __device__ __forceinline__ float lse_of(float m, float d) { return m + logf(d); }
 
+// log(exp(a) + exp(b)), -inf when both are -inf (never NaN from -inf - -inf).
+__device__ __forceinline__ float logaddexp(float a, float b) {
+  const float mx = nan_max(a, b);
+  if (mx == -INFINITY) return -INFINITY;
+  const float mn = a == mx ? b : a;
+  return mx + log1pf(__expf(mn - mx));
+}
+
+// a * b, exactly 0 where a == 0: a zero probability times -inf (or NaN) is 0; a NaN a stays NaN.
+__device__ __forceinline__ float mul0(float a, float b) { return a == 0.f ? 0.f : a * b; }
+
 // K/2 interleaved (m, d) pairs.
 template <int K>
 struct MaxSumOp {
@@ -117,6 +129,24 @@ struct SumOp {
     for (int k = 0; k < K; ++k) a[k] += b[k];
   }
 };
+
+// ---- pack loops ----------------------------------------------------------------------------
+
+// Runs use(i, buf) for the packs i = threadIdx.x + k * blockDim.x < npacks, issuing U loads
+// before the first use so that several 16-byte requests per thread are in flight.
+template <int U, typename Buf, typename Load, typename Use>
+__device__ __forceinline__ void pack_loop(int npacks, Load&& load, Use&& use) {
+  const int nt = blockDim.x;
+  for (int i0 = threadIdx.x; i0 < npacks; i0 += U * nt) {
+    Buf buf[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (i0 + u * nt < npacks) load(i0 + u * nt, buf[u]);
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (i0 + u * nt < npacks) use(i0 + u * nt, buf[u]);
+  }
+}
 
 // ---- deterministic reductions ----------------------------------------------------------------
 // Fixed combination order (butterfly within a warp, warps in index order, cluster ranks in

@@ -44,29 +44,6 @@ struct KdParams {
   int use_u;               // hard term at T != 1: needs the untempered log-sum-exp too
 };
 
-__device__ __forceinline__ float logaddexp(float a, float b) {
-  const float mx = nan_max(a, b);
-  if (mx == -INFINITY) return -INFINITY;
-  const float mn = a == mx ? b : a;
-  return mx + log1pf(__expf(mn - mx));
-}
-
-// Runs use(i, buf) for the packs i = threadIdx.x + k * blockDim.x < npacks, issuing U loads
-// before the first use so that several 16-byte requests per thread are in flight.
-template <int U, typename Buf, typename Load, typename Use>
-__device__ __forceinline__ void pack_loop(int npacks, Load&& load, Use&& use) {
-  const int nt = blockDim.x;
-  for (int i0 = threadIdx.x; i0 < npacks; i0 += U * nt) {
-    Buf buf[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-      if (i0 + u * nt < npacks) load(i0 + u * nt, buf[u]);
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-      if (i0 + u * nt < npacks) use(i0 + u * nt, buf[u]);
-  }
-}
-
 template <typename TS, typename TT, int DIV, bool PROBS>
 __global__ void __launch_bounds__(kMaxThreads) kd_fwd_bwd_kernel(const KdParams p) {
   constexpr int VEC = 16 / (sizeof(TS) > sizeof(TT) ? sizeof(TS) : sizeof(TT));
