@@ -55,6 +55,20 @@ kdk::KdArgs make_args(const at::Tensor& student, const at::Tensor& teacher, bool
   return a;
 }
 
+// Checks the optional labels ([N] int64, any stride, on the student's device) and points at them.
+void set_labels(const std::optional<at::Tensor>& labels, const at::Tensor& student, const int64_t** ptr,
+                int64_t* stride) {
+  if (!labels.has_value()) return;
+  const at::Tensor& y = *labels;
+  const int64_t N = student.size(0);
+  TORCH_CHECK(y.scalar_type() == at::kLong, "kdkernels_cuda: labels must be int64, got ", y.scalar_type());
+  TORCH_CHECK(y.dim() == 1 && y.size(0) == N, "kdkernels_cuda: labels must have shape [", N, "]");
+  TORCH_CHECK(y.device() == student.device(), "kdkernels_cuda: labels on ", y.device(), ", student on ",
+              student.device());
+  *ptr = y.data_ptr<int64_t>();
+  *stride = y.stride(0);
+}
+
 void check_cuda(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "kdkernels_cuda: ", what, " failed: ", cudaGetErrorString(err));
 }
@@ -69,15 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_fused(
   at::Tensor loss = at::empty({N}, student.options().dtype(at::kFloat));
   at::Tensor grad_s = at::empty({N, V}, student.options());
   at::Tensor grad_t = teacher_grad ? at::empty({N, V}, teacher.options()) : at::empty({0}, teacher.options());
-  if (labels.has_value()) {
-    const at::Tensor& y = *labels;
-    TORCH_CHECK(y.scalar_type() == at::kLong, "kdkernels_cuda: labels must be int64, got ", y.scalar_type());
-    TORCH_CHECK(y.dim() == 1 && y.size(0) == N, "kdkernels_cuda: labels must have shape [", N, "]");
-    TORCH_CHECK(y.device() == student.device(), "kdkernels_cuda: labels on ", y.device(), ", student on ",
-                student.device());
-    a.labels = y.data_ptr<int64_t>();
-    a.label_stride = y.stride(0);
-  }
+  set_labels(labels, student, &a.labels, &a.label_stride);
   a.loss = loss.data_ptr<float>();
   a.grad_s = grad_s.data_ptr();
   a.grad_t = teacher_grad ? grad_t.data_ptr() : nullptr;
@@ -87,6 +93,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_fused(
   a.hard_weight = hard_weight;
   a.ignore_index = ignore_index;
   if (N > 0) check_cuda(kdk::kd_launch(a, c10::cuda::getCurrentCUDAStream(), nullptr), "kd_fused launch");
+  return {loss, grad_s, grad_t};
+}
+
+// Offline top-k teacher: ids [N, k] int64 and logprobs [N, k] (any float dtype of the three),
+// both contiguous (cuda_backend makes them so), 1 <= k <= min(V, kTopkMaxK).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_topk(
+    const at::Tensor& student, const at::Tensor& ids, const at::Tensor& logprobs,
+    const std::optional<at::Tensor>& labels, double temperature, int64_t divergence, double beta,
+    double soft_scale, double hard_weight, int64_t ignore_index, bool teacher_grad) {
+  check_rows(student, "student");
+  const int64_t N = student.size(0), V = student.size(1);
+  TORCH_CHECK(ids.scalar_type() == at::kLong, "kdkernels_cuda: ids must be int64, got ", ids.scalar_type());
+  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == N, "kdkernels_cuda: ids must have shape [", N, ", k], got ",
+              ids.sizes());
+  TORCH_CHECK(logprobs.sizes() == ids.sizes(), "kdkernels_cuda: logprobs shape ", logprobs.sizes(),
+              " != ids shape ", ids.sizes());
+  const int64_t k = ids.size(1);
+  TORCH_CHECK(k >= 1 && k <= V && k <= kdk::kTopkMaxK, "kdkernels_cuda: top-k needs 1 <= k <= min(V, ",
+              kdk::kTopkMaxK, "), got k = ", k, ", V = ", V);
+  for (const at::Tensor* x : {&ids, &logprobs}) {
+    const char* name = x == &ids ? "ids" : "logprobs";
+    TORCH_CHECK(x->device() == student.device(), "kdkernels_cuda: ", name, " on ", x->device(), ", student on ",
+                student.device());
+    TORCH_CHECK(x->is_contiguous(), "kdkernels_cuda: ", name, " must be contiguous");
+  }
+  TORCH_CHECK(divergence == kdk::kKL || divergence == kdk::kSoftCE || divergence == kdk::kJSD,
+              "kdkernels_cuda: top-k divergence code must be kl (0), soft_ce (1) or jsd (3), got ", divergence);
+  TORCH_CHECK(divergence != kdk::kJSD || (beta > 0.0 && beta < 1.0), "kdkernels_cuda: jsd needs 0 < beta < 1, got ",
+              beta);
+  kdk::KdTopkArgs a;
+  a.student = student.data_ptr();
+  a.s_stride = N > 1 ? student.stride(0) : V;
+  a.s_dtype = dtype_code(student, "student");
+  a.ids = ids.data_ptr<int64_t>();
+  a.logprobs = logprobs.data_ptr();
+  a.lp_dtype = dtype_code(logprobs, "logprobs");
+  const c10::cuda::CUDAGuard guard(student.device());
+  at::Tensor loss = at::empty({N}, student.options().dtype(at::kFloat));
+  at::Tensor grad_s = at::empty({N, V}, student.options());
+  at::Tensor grad_t = teacher_grad ? at::empty(ids.sizes(), logprobs.options()) : at::empty({0}, logprobs.options());
+  set_labels(labels, student, &a.labels, &a.label_stride);
+  a.loss = loss.data_ptr<float>();
+  a.grad_s = grad_s.data_ptr();
+  a.grad_t = teacher_grad ? grad_t.data_ptr() : nullptr;
+  a.N = N;
+  a.V = V;
+  a.k = k;
+  a.temperature = temperature;
+  a.divergence = static_cast<int>(divergence);
+  a.beta = beta;
+  a.soft_scale = soft_scale;
+  a.hard_weight = hard_weight;
+  a.ignore_index = ignore_index;
+  if (N > 0) check_cuda(kdk::kd_topk_launch(a, c10::cuda::getCurrentCUDAStream()), "kd_topk launch");
   return {loss, grad_s, grad_t};
 }
 
@@ -135,6 +195,8 @@ TORCH_LIBRARY(kdkernels_cuda, m) {
   m.def("kd_fused(Tensor student, Tensor teacher, Tensor? labels, bool teacher_is_probs, float temperature, "
         "int divergence, float beta, float soft_scale, float hard_weight, int ignore_index, bool teacher_grad, "
         "int max_cluster) -> (Tensor, Tensor, Tensor)");
+  m.def("kd_topk(Tensor student, Tensor ids, Tensor logprobs, Tensor? labels, float temperature, int divergence, "
+        "float beta, float soft_scale, float hard_weight, int ignore_index, bool teacher_grad) -> (Tensor, Tensor, Tensor)");
   m.def("kd_plan(Tensor student, Tensor teacher, bool teacher_is_probs, int divergence, int max_cluster) -> int[]");
   m.def("softmax_forward(Tensor x, float temperature, bool log) -> Tensor");
   m.def("softmax_backward(Tensor y, Tensor grad_y, float temperature, bool log) -> Tensor");
@@ -142,6 +204,7 @@ TORCH_LIBRARY(kdkernels_cuda, m) {
 
 TORCH_LIBRARY_IMPL(kdkernels_cuda, CUDA, m) {
   m.impl("kd_fused", &kd_fused);
+  m.impl("kd_topk", &kd_topk);
   m.impl("kd_plan", &kd_plan);
   m.impl("softmax_forward", &softmax_forward);
   m.impl("softmax_backward", &softmax_backward);

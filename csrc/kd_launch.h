@@ -49,10 +49,40 @@ struct KdPlan {
   int64_t rows_per_launch = 0;  // clusters in the grid (rows are strided over them)
 };
 
+// Offline top-k teacher (kdkernels.ops.kd_topk_fused): p = softmax(logprobs / T) over the k ids
+// of a row, 0 elsewhere. The k entries of a row live in shared memory: 1 <= k <= kTopkMaxK
+// (kdkernels.backends.cuda_backend.TOPK_MAX_K; above it the torch backend runs instead).
+constexpr int kTopkMaxK = 1024;
+
+struct KdTopkArgs {
+  const void* student = nullptr;   // [N, V] logits, row stride s_stride elements, last dim contiguous
+  int64_t s_stride = 0;
+  int s_dtype = kFloat32;
+  const int64_t* ids = nullptr;    // [N, k] contiguous: distinct per row, in [0, V)
+  const void* logprobs = nullptr;  // [N, k] contiguous teacher log-probabilities at the ids (T = 1)
+  int lp_dtype = kFloat32;
+  const int64_t* labels = nullptr; // [N] int64 with stride label_stride, or null
+  int64_t label_stride = 1;
+  float* loss = nullptr;   // [N] float32 out
+  void* grad_s = nullptr;  // [N, V] student dtype out, contiguous
+  void* grad_t = nullptr;  // [N, k] logprobs dtype out, contiguous, or null (no teacher gradient)
+  int64_t N = 0, V = 0, k = 0;
+  double temperature = 1.0;
+  int divergence = kKL;     // kKL, kSoftCE or kJSD (0 < beta < 1); kReverseKL is invalid
+  double beta = 0.5;
+  double soft_scale = 1.0;  // soft_weight * (T**2 or 1)
+  double hard_weight = 0.0;
+  int64_t ignore_index = -100;
+};
+
 // Plans without launching (no device synchronisation, no stream work).
 cudaError_t kd_plan(const KdArgs& a, KdPlan* plan);
 // Fused forward + backward: loss, grad_s and (if non-null) grad_t. plan may be null.
 cudaError_t kd_launch(const KdArgs& a, cudaStream_t stream, KdPlan* plan);
+
+// Fused forward + backward against a top-k teacher: loss, grad_s and (if non-null) grad_t.
+// One CTA per row; cudaErrorInvalidValue for k outside [1, min(V, kTopkMaxK)] or reverse_kl.
+cudaError_t kd_topk_launch(const KdTopkArgs& a, cudaStream_t stream);
 
 // y = softmax(x / T) or log_softmax(x / T) along rows; y contiguous [N, V] of x's dtype.
 cudaError_t softmax_forward_launch(const void* x, int64_t x_stride, void* y, int dtype, int64_t N,

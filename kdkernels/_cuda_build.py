@@ -24,7 +24,7 @@ from pathlib import Path
 
 _PKG = Path(__file__).resolve().parent
 SOURCES = ("bindings.cpp", "kd_launch.cu", "kd_kl.cu", "kd_soft_ce.cu", "kd_reverse_kl.cu", "kd_jsd.cu",
-           "softmax.cu")
+           "kd_topk.cu", "softmax.cu")
 JIT_NAME = "kdkernels_cuda_jit"
 
 _lock = threading.Lock()
