@@ -196,7 +196,8 @@ TORCH_LIBRARY(kdkernels_cuda, m) {
         "int divergence, float beta, float soft_scale, float hard_weight, int ignore_index, bool teacher_grad, "
         "int max_cluster) -> (Tensor, Tensor, Tensor)");
   m.def("kd_topk(Tensor student, Tensor ids, Tensor logprobs, Tensor? labels, float temperature, int divergence, "
-        "float beta, float soft_scale, float hard_weight, int ignore_index, bool teacher_grad) -> (Tensor, Tensor, Tensor)");
+        "float beta, float soft_scale, float hard_weight, int ignore_index, bool teacher_grad) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("kd_plan(Tensor student, Tensor teacher, bool teacher_is_probs, int divergence, int max_cluster) -> int[]");
   m.def("softmax_forward(Tensor x, float temperature, bool log) -> Tensor");
   m.def("softmax_backward(Tensor y, Tensor grad_y, float temperature, bool log) -> Tensor");

@@ -137,8 +137,9 @@ def kd_loss(
       ``teacher_topk_logprobs`` (..., k) float log-probabilities (e.g. from
       :func:`kdkernels.topk_teacher`); p_i = softmax(logprobs / T)_i on the k ids, 0 elsewhere.
       divergence "kl", "soft_ce" or "jsd" with beta < 1; "reverse_kl" (and jsd with beta = 1) is
-      a ValueError, since KL(q||p) is infinite wherever q has mass outside the k ids. Backend
-      "torch" ("auto" picks it). Gradients reach teacher_topk_logprobs when it requires grad.
+      a ValueError, since KL(q||p) is infinite wherever q has mass outside the k ids. Backends
+      "torch", "triton" and "cuda" ("auto" picks as for one teacher). Gradients reach
+      teacher_topk_logprobs when it requires grad.
 
     inplace=True (Triton backend, eager only): the gradient is written over student_logits'
     storage instead of a new (N, V) buffer; the logits' values are consumed (kdkernels.inplace).

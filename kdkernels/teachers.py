@@ -18,7 +18,7 @@ from .backends import DIVERGENCES, resolve
 
 __all__ = ["topk_teacher"]
 
-_TOPK_BACKENDS = ("torch", "triton")  # backends with a kd_topk_forward
+_TOPK_BACKENDS = ("torch", "triton", "cuda")  # backends with a kd_topk_forward
 
 
 def _divergence(opts):
@@ -57,13 +57,14 @@ def kd_rows(student_logits, teacher_logits, labels, teacher_probs, opts, ids, lo
         ids, logprobs = _check_topk(ids, logprobs, s, code)
         backend = opts["backend"]
         if backend != "auto" and backend not in _TOPK_BACKENDS:
-            raise ValueError(f"top-k teachers (teacher_topk_ids) run on backend='torch' or 'triton' only, "
+            names = ", ".join(repr(b) for b in _TOPK_BACKENDS)
+            raise ValueError(f"top-k teachers (teacher_topk_ids) run on backend={names} only, "
                              f"not backend={backend!r}; pass one of those or 'auto'")
         float64 = torch.float64 in (s.dtype, logprobs.dtype)
         auto = backend == "auto"
         backend = resolve(backend, s.device, float64=float64)
-        if auto and backend not in _TOPK_BACKENDS:  # e.g. the CUDA C++ backend: no top-k kernel
-            backend = "torch"
+        if auto and backend not in _TOPK_BACKENDS:  # a future backend without a top-k kernel
+            backend = "torch"  # (today every backend auto resolves to has one: triton, cuda, torch)
         teacher_grad = torch.is_grad_enabled() and logprobs.requires_grad
         loss, _, _ = ops.kd_topk_fused(_rows(s), _rows(ids).long(), _rows(logprobs), y, *common,
                                        teacher_grad, backend)

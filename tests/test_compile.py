@@ -99,8 +99,6 @@ def kd_ensemble_fused_samples(device, backend):
 
 
 def kd_topk_fused_samples(device, backend):
-    if backend != "torch":  # top-k teachers run on the torch backend only (kdkernels.teachers)
-        return []
     g, N, V, k = _gen(4), 6, 31, 5
     out = []
     for code, tgrad in [(KL, False), (SOFT_CE, True), (JSD, False)]:

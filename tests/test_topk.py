@@ -120,7 +120,7 @@ def test_errors():
     bad[1, 2] = bad[1, 1]
     with pytest.raises(ValueError, match="distinct"):
         kd(s, teacher_topk_ids=bad, teacher_topk_logprobs=lp)
-    with pytest.raises(ValueError, match="backend='torch' or 'triton' only, not backend='cuda'"):
-        kd(s, teacher_topk_ids=ids, teacher_topk_logprobs=lp, backend="cuda")
+    with pytest.raises(RuntimeError, match=r"backend='cuda' cannot run on cpu: .*CUDA tensors only"):
+        kd(s, teacher_topk_ids=ids, teacher_topk_logprobs=lp, backend="cuda")   # CPU tensors
     with pytest.raises(ValueError, match="teacher_weights needs teacher_logits"):
         kd(s, teacher_topk_ids=ids, teacher_topk_logprobs=lp, teacher_weights=[1.0])

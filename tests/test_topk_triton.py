@@ -129,8 +129,8 @@ def test_large_k_falls_back_and_routing():
     with pytest.raises(TypeError, match="float64 inputs run only on backend='torch'"):
         kdkernels.kd_loss(s.double(), teacher_topk_ids=ids, teacher_topk_logprobs=lp.double(),
                           backend="triton")
-    with pytest.raises(ValueError, match="backend='torch' or 'triton' only, not backend='cuda'"):
-        kdkernels.kd_loss(s, teacher_topk_ids=ids, teacher_topk_logprobs=lp, backend="cuda")
+    with pytest.raises(RuntimeError, match="backend='cuda' cannot run on cpu"):   # runs on CUDA tensors only
+        kdkernels.kd_loss(s.cpu(), teacher_topk_ids=ids.cpu(), teacher_topk_logprobs=lp.cpu(), backend="cuda")
 
 
 def test_opcheck():

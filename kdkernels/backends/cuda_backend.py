@@ -4,6 +4,8 @@ The extension is prebuilt by setup.py or compiled just in time on first use (see
 kdkernels._cuda_build). kd_forward runs one fused kernel that writes the per-row loss, the
 student gradient and, when asked, the teacher gradient (no fallback to another backend):
 float16 / bfloat16 / float32 inputs (student and teacher dtypes may differ), float32 arithmetic.
+kd_topk_forward does the same against an offline top-k teacher (k <= TOPK_MAX_K in one kernel,
+larger k on the torch backend).
 
 Execution path (docs/cuda.md), environment variable KDKERNELS_CUDA_PATH:
     auto       default: on sm_90, a row pair is kept on chip across a thread-block cluster of up
@@ -90,6 +92,28 @@ def kd_forward(student, teacher, labels, *, teacher_is_probs, temperature, diver
                            int(ignore_index), bool(teacher_grad), max_cluster())
 
 
+# Top-k teachers: the k entries of a row are held in shared memory (csrc/kd_launch.h kTopkMaxK);
+# above this many the torch backend's implementation runs instead, as on the Triton backend.
+TOPK_MAX_K = 1024
+
+
+def kd_topk_forward(student, ids, logprobs, labels, *, temperature, divergence, beta, soft_scale,
+                    hard_weight, ignore_index, teacher_grad):
+    """Fused per-row loss and gradients against an offline top-k teacher (the contract of
+    kdkernels.ops.kd_topk_fused; torch_backend.kd_topk_forward is the same math). One CTA per
+    row (csrc/kd_topk.cu): a statistics pass over the student row, the k entries in shared
+    memory, a pass writing the dense gradient, then the k ids' entries."""
+    if ids.shape[-1] > TOPK_MAX_K:
+        from . import torch_backend
+        return torch_backend.kd_topk_forward(
+            student, ids, logprobs, labels, temperature=temperature, divergence=divergence,
+            beta=beta, soft_scale=soft_scale, hard_weight=hard_weight, ignore_index=ignore_index,
+            teacher_grad=teacher_grad)
+    return _ops().kd_topk(student, ids.long().contiguous(), logprobs.contiguous(), labels,
+                          float(temperature), int(divergence), float(beta), float(soft_scale),
+                          float(hard_weight), int(ignore_index), bool(teacher_grad))
+
+
 def plan(student, teacher, *, teacher_is_probs=False, divergence=0) -> dict:
     """How kd_forward would run on these inputs (host-side query, launches nothing)."""
     c, threads, resident, slice_, smem, rows = _ops().kd_plan(student, teacher, bool(teacher_is_probs),
@@ -123,6 +147,13 @@ def _register_fakes() -> None:
                        soft_scale, hard_weight, ignore_index, teacher_grad, max_cluster):
         loss = student.new_empty((student.shape[0],), dtype=torch.float32)
         grad_t = teacher.new_empty(teacher.shape if teacher_grad else (0,))
+        return loss, student.new_empty(student.shape), grad_t
+
+    @torch.library.register_fake(lib + "kd_topk")
+    def _kd_topk_fake(student, ids, logprobs, labels, temperature, divergence, beta, soft_scale,
+                      hard_weight, ignore_index, teacher_grad):
+        loss = student.new_empty((student.shape[0],), dtype=torch.float32)
+        grad_t = logprobs.new_empty(logprobs.shape if teacher_grad else (0,))
         return loss, student.new_empty(student.shape), grad_t
 
     @torch.library.register_fake(lib + "softmax_forward")
