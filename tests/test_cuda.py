@@ -5,7 +5,9 @@ compile-checked by .ci/compile_cuda.sh). On a GPU the same cases run on each exe
 (KDKERNELS_CUDA_PATH: "auto" = thread-block clusters on sm_90, "nocluster" = one CTA's shared
 memory, "twopass" = streaming from global memory), over real vocabulary sizes:
 1 (degenerate), 1271 (odd: unaligned rows, scalar path), 32000 (Llama-2), 128256 (Llama-3),
-262144 (Gemma-3: in float32 too large for a cluster, so it streams).
+262144 (Gemma-3: in float32 too large for a cluster, so it streams). Offline top-k teachers
+(csrc/kd_topk.cu) at the end: the case grid of tests/test_topk_triton.py, at odd (1271, 32003) and
+aligned (32000) vocabularies.
 """
 from __future__ import annotations
 
@@ -46,6 +48,13 @@ def test_kd_loss_on_cpu_tensors_raises_clearly():
         kdkernels.kd_loss(s, t, y, backend="cuda")
     with pytest.raises(RuntimeError, match=r"backend='cuda' cannot run on cpu"):
         kdkernels.tempered_softmax(s, 2.0, backend="cuda")
+
+
+def test_topk_on_cpu_tensors_raises_clearly():
+    s, t, _ = make_inputs((4, 11), torch.float32)
+    ids, lp = kdkernels.topk_teacher(t, 3)
+    with pytest.raises(RuntimeError, match=r"backend='cuda' cannot run on cpu: .*CUDA tensors only"):
+        kdkernels.kd_loss(s, teacher_topk_ids=ids, teacher_topk_logprobs=lp, backend="cuda")
 
 
 def test_auto_never_picks_cuda_on_cpu():
@@ -311,3 +320,197 @@ def test_agrees_with_triton(cuda, divergence, dtype):
     assert_close(out["cuda"][0], out["triton"][0], loss_rtol * 2, loss_atol * 2, "loss vs triton")
     scale = out["triton"][1].abs().max().item()
     assert_close(out["cuda"][1], out["triton"][1], grad_rtol * 2, grad_atol * 2 * scale, "grad vs triton")
+
+
+# ---- GPU: offline top-k teachers (csrc/kd_topk.cu) ---------------------------------------------
+
+def _topk_case(N, V, k, dtype, device, lp_dtype=None, seed=0):
+    g = torch.Generator().manual_seed(seed + V + k)
+    s = (torch.randn(N, V, generator=g) * 2).to(dtype)
+    t = torch.randn(N, V, generator=g) * 3
+    ids, lp = kdkernels.topk_teacher(t, k)
+    y = torch.randint(0, V, (N,), generator=g)
+    y[1::4] = -100
+    return s.to(device), ids.to(device), lp.to(lp_dtype or dtype).to(device), y.to(device)
+
+
+def _poison_allocator(device, *nbytes):
+    """Frees blocks of these sizes filled with 0xFF (NaN in every float dtype) into the caching
+    allocator, which hands them to the next allocations of those sizes: an output entry the
+    kernel forgets to write then shows up as NaN rather than as a lucky zero."""
+    blocks = [torch.full((n,), 255, dtype=torch.uint8, device=device) for n in nbytes]
+    del blocks
+
+
+def _topk_run(s, ids, lp, y, grad_out, **kw):
+    s = s.detach().clone().requires_grad_()
+    lp = lp.detach().clone().requires_grad_()
+    _poison_allocator(s.device, s.numel() * s.element_size(), lp.numel() * lp.element_size(), s.shape[0] * 4)
+    loss = kdkernels.kd_loss(s, None, y, teacher_topk_ids=ids, teacher_topk_logprobs=lp, backend="cuda",
+                             reduction="none", **kw)
+    gs, gl = torch.autograd.grad((loss * grad_out.to(loss.dtype)).sum(), (s, lp))
+    return loss, gs, gl
+
+
+def _topk_check(s, ids, lp, y, **kw):
+    """The CUDA backend against the float64 reference (same low-precision inputs, upcast), for a
+    grad_output != 1; tolerances from conftest's table for each tensor's dtype."""
+    V = s.shape[-1]
+    grad_out = torch.rand(s.shape[0], dtype=torch.float64, device=s.device) + 0.5
+    loss, gs, gl = _topk_run(s, ids, lp, y, grad_out, **kw)
+    assert loss.dtype == torch.float32 and gs.dtype == s.dtype and gl.dtype == lp.dtype
+    s64 = s.detach().double().requires_grad_()
+    lp64 = lp.detach().double().requires_grad_()
+    ref = reference.kd_loss_topk(s64, ids, lp64, y, reduction="none", **kw)
+    gsr, glr = torch.autograd.grad((ref * grad_out).sum(), (s64, lp64))
+    T = kw.get("temperature", 1.0)
+    loss_rtol, loss_atol, _, _, _ = TOLERANCES[s.dtype]
+    log_v = 1 + math.log(V)
+    assert_close(loss, ref, loss_rtol * 5, loss_atol * (T * T + kw.get("hard_weight", 0.0)) * log_v * 5, "loss")
+    for what, got, want in (("grad student", gs, gsr), ("grad logprobs", gl, glr)):
+        _, _, grad_rtol, grad_atol, floor = TOLERANCES[got.dtype]
+        scale = want.abs().max().item()
+        assert_close(got, want, grad_rtol, grad_atol * log_v * scale + floor * 2, what)
+    return loss, gs, gl
+
+
+TOPK_SIZES = [(1271, 1), (1271, 7), (1271, 64), (32000, 7), (32003, 64)]
+
+
+@pytest.mark.parametrize("V,k", TOPK_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("divergence,beta", [("kl", 0.5), ("soft_ce", 0.5), ("jsd", 0.3), ("jsd", 0.0)])
+@pytest.mark.parametrize("temperature,hard_weight", [(1.0, 0.5), (2.5, 0.5), (2.0, 0.0)])
+def test_topk_matches_reference(cuda, V, k, dtype, divergence, beta, temperature, hard_weight):
+    s, ids, lp, y = _topk_case(9, V, k, dtype, cuda)   # rows 1 and 5 ignored
+    _topk_check(s, ids, lp, y, divergence=divergence, beta=beta, temperature=temperature, hard_weight=hard_weight)
+
+
+@pytest.mark.parametrize("s_dtype,lp_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16),
+                                              (torch.float32, torch.float16)], ids=str)
+def test_topk_mixed_dtypes(cuda, s_dtype, lp_dtype):
+    s, ids, lp, y = _topk_case(7, 1271, 16, s_dtype, cuda, lp_dtype=lp_dtype)
+    for divergence in ("kl", "jsd"):
+        _topk_check(s, ids, lp, y, divergence=divergence, beta=0.4, temperature=2.0, hard_weight=0.3)
+
+
+def test_topk_k_limit_and_fallback(cuda, monkeypatch):
+    from kdkernels.backends import torch_backend
+    s, ids, lp, y = _topk_case(5, 1271, CB.TOPK_MAX_K, torch.float32, cuda)   # the kernel's largest k
+    _topk_check(s, ids, lp, y, divergence="jsd", beta=0.3, temperature=2.0, hard_weight=0.5)
+    s, ids, lp, y = _topk_case(3, 2048, CB.TOPK_MAX_K + 1, torch.float32, cuda)  # torch backend instead
+    _topk_check(s, ids, lp, y, divergence="kl", temperature=2.0, hard_weight=0.5)
+    calls = []
+    real = torch_backend.kd_topk_forward
+    monkeypatch.setattr(torch_backend, "kd_topk_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(CB, "TOPK_MAX_K", 8)
+    s, ids, lp, y = _topk_case(4, 64, 9, torch.float32, cuda)
+    kw = dict(temperature=1.5, divergence=0, beta=0.5, soft_scale=2.25, hard_weight=0.5, ignore_index=-100,
+              teacher_grad=True)
+    got = CB.kd_topk_forward(s, ids, lp, y, **kw)
+    assert calls == [1]
+    for a, b in zip(got, real(s, ids, lp, y, **kw)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def test_topk_labels_edge_cases_match_torch(cuda):
+    """At the backend level (the API rejects out-of-range labels where it can check them): a
+    custom ignore_index, out-of-range labels (NaN row, never an out-of-bounds read), no labels,
+    a zero-probability teacher entry; against torch_backend.kd_topk_forward on the same GPU."""
+    from kdkernels.backends import torch_backend
+    s, ids, lp, y = _topk_case(6, 1271, 5, torch.float32, cuda, seed=1)
+    y = y.clone()
+    lp = lp.clone()
+    y[1::4] = 7          # ignore_index=7 below (also a valid vocabulary id elsewhere)
+    y[2] = 1271          # out of range
+    y[3] = -5            # out of range
+    y[4] = ids[4, 2]     # the label is one of the teacher's ids
+    lp[0, -1] = -math.inf
+    for code, T, labels, hw in ((0, 1.0, y, 0.7), (1, 1.5, y, 0.7), (3, 1.5, y, 0.7), (3, 1.0, y, 0.0),
+                                (0, 2.0, None, 0.3)):
+        kw = dict(temperature=T, divergence=code, beta=0.4, soft_scale=1.7, hard_weight=hw,
+                  ignore_index=7, teacher_grad=True)
+        _poison_allocator(cuda, s.numel() * 4, lp.numel() * 4, 24)
+        out = CB.kd_topk_forward(s, ids, lp, labels, **kw)
+        ref = torch_backend.kd_topk_forward(s, ids, lp, labels, **kw)
+        for a, b, what in zip(out, ref, ("loss", "grad_s", "grad_t")):
+            assert_close(a, b, 1e-4, 1e-6 * (1 + b.nan_to_num().abs().max().item()), f"code={code} T={T} {what}")
+        loss, gs, gt = out
+        if labels is not None:
+            assert loss[[2, 3]].isnan().all() and gs[[2, 3]].isnan().all() and not loss[[0, 4]].isnan().any()
+            assert (loss[[1, 5]] == 0).all() and (gs[[1, 5]] == 0).all() and (gt[[1, 5]] == 0).all()
+        assert torch.isfinite(gs[0]).all() and torch.isfinite(gt[0]).all()
+
+
+def test_topk_nan_in_nan_out(cuda):
+    s, ids, lp, y = _topk_case(5, 1271, 7, torch.float32, cuda, seed=2)
+    s, lp = s.clone(), lp.clone()
+    y[:] = 3
+    s[1, 11] = math.nan         # NaN student logit: the whole row is NaN
+    lp[2, 4] = math.nan         # NaN teacher entry: NaN loss, NaN wherever torch has it
+    from kdkernels.backends import torch_backend
+    for code in (0, 1, 3):
+        kw = dict(temperature=2.0, divergence=code, beta=0.3, soft_scale=4.0, hard_weight=0.5,
+                  ignore_index=-100, teacher_grad=True)
+        out = CB.kd_topk_forward(s, ids, lp, y, **kw)
+        ref = torch_backend.kd_topk_forward(s, ids, lp, y, **kw)
+        loss, gs, _ = out
+        assert loss[1].isnan() and gs[1].isnan().all() and loss[2].isnan()
+        assert torch.isfinite(loss[[0, 3, 4]]).all() and torch.isfinite(gs[[0, 3, 4]]).all()
+        for a, b, what in zip(out, ref, ("loss", "grad_s", "grad_t")):
+            assert torch.equal(a.isnan(), b.isnan()), f"code={code} {what}: NaN positions differ from torch"
+
+
+def test_topk_all_ignored_and_empty(cuda):
+    s, ids, lp, _ = _topk_case(4, 1271, 7, torch.bfloat16, cuda)
+    s.requires_grad_()
+    y = torch.full((4,), -100, device=cuda)
+    loss = kdkernels.kd_loss(s, labels=y, teacher_topk_ids=ids, teacher_topk_logprobs=lp, hard_weight=1.0,
+                             backend="cuda")
+    (g,) = torch.autograd.grad(loss, s)
+    assert loss.item() == 0.0 and (g == 0).all()
+    e = torch.empty(0, 1271, device=cuda, requires_grad=True)
+    ids0 = torch.empty(0, 7, dtype=torch.long, device=cuda)
+    lp0 = torch.empty(0, 7, device=cuda, requires_grad=True)
+    out = kdkernels.kd_loss(e, teacher_topk_ids=ids0, teacher_topk_logprobs=lp0, backend="cuda", reduction="sum")
+    out.backward()
+    assert out.item() == 0 and e.grad.shape == e.shape and lp0.grad.shape == lp0.shape
+
+
+def test_topk_views_int32_ids_and_determinism(cuda):
+    # A sliced student (row stride V + 13: unaligned rows, element loads) against a contiguous
+    # copy (16-byte loads), int32 ids, strided labels: the same numbers; and two runs bitwise equal.
+    V = 32000
+    big = torch.randn(6, V + 13, device=cuda, dtype=torch.bfloat16) * 2
+    s = big[:, 5:5 + V]
+    _, ids, lp, _ = _topk_case(6, V, 64, torch.bfloat16, cuda)
+    y = torch.randint(0, V, (12,), device=cuda)[::2]
+    kw = dict(temperature=2.0, divergence=3, beta=0.4, soft_scale=4.0, hard_weight=0.5, ignore_index=-100,
+              teacher_grad=True)
+    got = CB.kd_topk_forward(s, ids.int(), lp, y, **kw)
+    want = CB.kd_topk_forward(s.contiguous(), ids, lp, y.contiguous(), **kw)
+    again = CB.kd_topk_forward(s.contiguous(), ids, lp, y.contiguous(), **kw)
+    for g, w, a, what in zip(got, want, again, ("loss", "grad_s", "grad_t")):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=0, msg=lambda m: f"{what}, view vs contiguous: {m}")
+        assert torch.equal(w, a), f"{what}: not deterministic"
+
+
+def test_topk_auto_routes_to_cuda(cuda, monkeypatch):
+    calls = []
+    real = CB.kd_topk_forward
+    monkeypatch.setattr(CB, "kd_topk_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setenv("KDKERNELS_BACKEND", "cuda")   # what auto resolves to, as when Triton is absent
+    s, ids, lp, y = _topk_case(3, 1271, 7, torch.float32, cuda)
+    loss = kdkernels.kd_loss(s, None, y, teacher_topk_ids=ids, teacher_topk_logprobs=lp)
+    assert calls == [1] and torch.isfinite(loss)
+
+
+def test_topk_opcheck(cuda):
+    from kdkernels import ops
+    s, ids, lp, y = _topk_case(4, 1271, 7, torch.float32, cuda)
+    args = (s, ids, lp, y, 2.0, 3, 0.4, 4.0, 0.5, -100, True)
+    torch.library.opcheck(torch.ops.kdkernels_cuda.kd_topk.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    for code in (0, 3):
+        torch.library.opcheck(ops.kd_topk_fused, (s.requires_grad_(), ids, lp.detach().requires_grad_(), y,
+                                                  2.0, code, 0.4, 4.0, 0.5, -100, True, "cuda"))
