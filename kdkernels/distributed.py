@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .api import _float_tensor, _reduce, check_options
-from .backends import DIVERGENCES
+from .backends import DIVERGENCES, resolve
 from .backends.torch_backend import _mul0
 from .teachers import _divergence
 
@@ -50,22 +50,30 @@ def vocab_parallel_kd_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     normalizer=None,
+    backend: str = "auto",
 ) -> Tensor:
     """kd_loss over logits split along the vocabulary across the ranks of `group`.
 
     student_shard and teacher_shard (..., V_local) hold the global vocabulary columns
     [vocab_start, vocab_start + V_local) (shards need not be equal; together they must tile
     [0, V) exactly once); labels (...) hold *global* ids, the same on every rank. The keyword
-    arguments are those of :func:`kdkernels.kd_loss` (teacher logits only, every divergence,
-    pure PyTorch on any device). Every rank returns the same loss, and backward gives each rank
-    the gradient of its own shard, both equal to single-device kd_loss on the gathered logits.
-    The teacher shard gets its gradient when it requires grad. Communication: three
-    all_reduces of O(N) values (NCCL on GPUs, gloo on CPUs); call it on every rank of the group.
+    arguments are those of :func:`kdkernels.kd_loss` (teacher logits only, every divergence).
+    Every rank returns the same loss, and backward gives each rank the gradient of its own
+    shard, both equal to single-device kd_loss on the gathered logits. The teacher shard gets
+    its gradient when it requires grad. Communication: three or four all_reduces of O(N)
+    values (NCCL on GPUs, gloo on CPUs); call it on every rank of the group.
+
+    backend: "triton" runs the fused Triton kernel on each shard (its phases, with the row
+    statistics exchanged between launches); "torch" is chunked PyTorch on any device; "auto"
+    (default) is Triton on CUDA tensors when it is available, else torch. float64 runs on torch.
     """
     opts = check_options(temperature=temperature, divergence=divergence, beta=beta,
                          soft_weight=soft_weight, hard_weight=hard_weight, t_squared=t_squared,
                          ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
-                         backend="torch")
+                         backend=backend)
+    if opts["backend"] == "cuda":
+        raise ValueError("vocab_parallel_kd_loss runs on backend='triton' or 'torch' (or 'auto'), "
+                         "not backend='cuda'")
     s = _float_tensor("student_shard", student_shard)
     t = _float_tensor("teacher_shard", teacher_shard)
     if t.shape != s.shape:
@@ -88,6 +96,10 @@ def vocab_parallel_kd_loss(
         raise ValueError("hard_weight > 0 needs labels")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("vocab_parallel_kd_loss needs torch.distributed initialised (init_process_group)")
+    float64 = torch.float64 in (s.dtype, t.dtype)
+    backend = resolve(opts["backend"], s.device, float64=float64)
+    if backend == "cuda":  # "auto" preferred the CUDA C++ backend: it has no sharded kernel
+        backend = "torch"
     code, beta = _divergence(opts)
     T = opts["temperature"]
     soft_scale = opts["soft_weight"] * (T * T if opts["t_squared"] else 1.0)
@@ -95,15 +107,21 @@ def vocab_parallel_kd_loss(
     V = s.shape[-1]
     teacher_grad = torch.is_grad_enabled() and t.requires_grad
     loss = _VocabParallelKD.apply(s.reshape(-1, V), t.reshape(-1, V), y, int(vocab_start), group, T, code,
-                                  beta, soft_scale, opts["hard_weight"], opts["ignore_index"], teacher_grad)
+                                  beta, soft_scale, opts["hard_weight"], opts["ignore_index"], teacher_grad,
+                                  backend)
     return _reduce(loss, y, s.shape[:-1], opts)
 
 
 class _VocabParallelKD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, s, t, y, start, group, T, code, beta, soft_scale, hard_weight, ignore_index, teacher_grad):
-        loss, grad_s, grad_t = _forward(s, t, y, start, group, T, code, beta, soft_scale, hard_weight,
-                                        ignore_index, teacher_grad)
+    def forward(ctx, s, t, y, start, group, T, code, beta, soft_scale, hard_weight, ignore_index, teacher_grad,
+                backend):
+        if backend == "triton":
+            loss, grad_s, grad_t = _forward_triton(s, t, y, start, group, T, code, beta, soft_scale,
+                                                   hard_weight, ignore_index, teacher_grad)
+        else:
+            loss, grad_s, grad_t = _forward(s, t, y, start, group, T, code, beta, soft_scale, hard_weight,
+                                            ignore_index, teacher_grad)
         ctx.save_for_backward(grad_s, grad_t)
         ctx.teacher_grad = teacher_grad
         return loss
@@ -114,7 +132,33 @@ class _VocabParallelKD(torch.autograd.Function):
         scale = grad_loss.unsqueeze(-1)
         gs = grad_s.mul_(scale) if ctx.needs_input_grad[0] else None
         gt = grad_t.mul_(scale) if ctx.teacher_grad and ctx.needs_input_grad[1] else None
-        return (gs, gt) + (None,) * 10
+        return (gs, gt) + (None,) * 11
+
+
+_REDUCE_OPS = {"max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}
+
+
+def _check_labels_cpu(y, v_end, ignore_index):
+    """On CPU tensors (no device sync) a label outside [0, V) is a ValueError, as on one device."""
+    if y is not None and y.device.type == "cpu":
+        bad = ((y < 0) | (y >= v_end)) & (y != ignore_index)
+        if bool(bad.any()):
+            raise ValueError(f"labels must be in [0, {int(v_end)}) or ignore_index={ignore_index}, "
+                             f"got {y[bad][0].item()}")
+
+
+def _forward_triton(s, t, y, start, group, T, code, beta, soft_scale, hard_weight, ignore_index, teacher_grad):
+    from .backends import triton_backend
+
+    def all_reduce(x, op):
+        dist.all_reduce(x, op=_REDUCE_OPS[op], group=group)
+
+    loss, grad_s, grad_t, v_end = triton_backend.kd_forward_shard(
+        s, t, y, vocab_start=start, all_reduce=all_reduce, reports_d=dist.get_rank(group) == 0,
+        teacher_is_probs=False, temperature=T, divergence=code, beta=beta, soft_scale=soft_scale,
+        hard_weight=hard_weight, ignore_index=ignore_index, teacher_grad=teacher_grad)
+    _check_labels_cpu(y, v_end, ignore_index)
+    return loss, grad_s, grad_t
 
 
 def _chunks(N, V):
@@ -211,9 +255,7 @@ def _forward(s, t, y, start, group, T, code, beta, soft_scale, hard_weight, igno
             loss = loss + hard_weight * (lse_h.squeeze(-1) - sums[:, 3])
         # A label outside [0, V) belongs to no rank: its row is NaN, as on a single device.
         bad = ((y < 0) | (y >= v_end)) & ~ignored
-        if y.device.type == "cpu" and bool(bad.any()):
-            raise ValueError(f"labels must be in [0, {int(v_end)}) or ignore_index={ignore_index}, "
-                             f"got {y[bad][0].item()}")
+        _check_labels_cpu(y, v_end, ignore_index)
         loss = loss.masked_fill(bad, math.nan).masked_fill(ignored, 0.0)
         grad_s.masked_fill_(bad[:, None], math.nan)
     return loss, grad_s, grad_t

@@ -481,7 +481,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kdkernels.backends import triton_kernels as K
 sig = {n: "*bf16" for n in ("s_ptr", "t_ptr", "gs_ptr", "gt_ptr", "t1_ptr", "t2_ptr", "t3_ptr")}
-sig.update(y_ptr="*i64", loss_ptr="*fp32", stats_ptr="*fp32", dsum_ptr="*fp32", mix_ptr="*fp32", ignore_index="i64")
+sig.update(y_ptr="*i64", loss_ptr="*fp32", stats_ptr="*fp32", dsum_ptr="*fp32", mix_ptr="*fp32", ignore_index="i64",
+           y_start="i64", v_total="i64", d_split="i32")
 sig.update({n: "i32" for n in ("V", "stride_s", "stride_t", "stride_gs", "stride_gt", "stride_t1", "stride_t2",
                                "stride_t3", "splits", "SPAN")})
 sig.update({n: "fp32" for n in ("inv_t", "log_b1", "log_b2", "w1", "w2", "soft_scale", "g_scale", "hard_weight")})

@@ -187,8 +187,75 @@ def kd_forward_into(student, teacher, labels, grad_s, *, teacher_is_probs, tempe
     grad_t = _empty(teacher.shape if teacher_grad else (0,), teacher.dtype, dev)
     if N == 0:
         return torch.zeros(0, dtype=torch.float32, device=dev), grad_t
-    K = _kernels()
     cfg = launch_config(N, V, dev)
+    launch, loss, _, _, need_d = _launcher(
+        student, teacher, labels, grad_s, grad_t, cfg, teacher_is_probs=teacher_is_probs,
+        temperature=temperature, divergence=divergence, beta=beta, soft_scale=soft_scale,
+        hard_weight=hard_weight, ignore_index=ignore_index, teacher_grad=teacher_grad, ensemble=ensemble)
+    if cfg.splits == 1:
+        launch(0)
+        return loss.view(N), grad_t
+    for phase in (1, 2, 3) if need_d else (1, 3):
+        launch(phase)
+    return loss.sum(1), grad_t
+
+
+def kd_forward_shard(student, teacher, labels, *, vocab_start, all_reduce, reports_d, teacher_is_probs,
+                     temperature, divergence, beta, soft_scale, hard_weight, ignore_index, teacher_grad):
+    """kd_forward on one vocabulary shard of every row (vocab-parallel KD, kdkernels.distributed):
+    this rank holds columns [vocab_start, vocab_start + V_local) of both logits; labels are
+    global ids. The shard is one "split" of each row: phase 1 writes its (max, sum) statistics,
+    `all_reduce(tensor, "max" | "sum")` (in place, O(N) values) makes them global, phase 2 (if
+    the gradient needs the row's divergence first) writes partial D sums, summed the same way,
+    and phase 3 writes this shard's gradients and loss partials, summed once more (the
+    divergence of a NEED_D row is counted by the rank with `reports_d`, the hard-label term by
+    the rank holding the label). No host synchronisation. Returns (loss [N] float32, the same
+    on every rank, grad_s, grad_t, v_end): v_end is a 0-d float64 tensor, the vocabulary size."""
+    N, V = student.shape
+    dev = student.device
+    grad_s = _empty(student.shape, student.dtype, dev)
+    grad_t = _empty(teacher.shape if teacher_grad else (0,), teacher.dtype, dev)
+    block = min(_TUNING.get("loop_block", LOOP_BLOCK), max(16, _next_pow2(V)))
+    cfg = LaunchConfig(block, 1, V, False, min(16, max(4, block // 512)))
+    # Labels are checked against the global vocabulary by torch ops (no sync): a label no shard
+    # holds becomes a negative id, which the kernel turns into a NaN row like any bad label.
+    launch, loss, stats, dsum, need_d = _launcher(
+        student, teacher, labels, grad_s, grad_t, cfg, teacher_is_probs=teacher_is_probs,
+        temperature=temperature, divergence=divergence, beta=beta, soft_scale=soft_scale,
+        hard_weight=hard_weight, ignore_index=ignore_index, teacher_grad=teacher_grad,
+        y_start=vocab_start, v_total=2 ** 62, d_split=0 if reports_d else -1)
+    if N == 0:  # every rank has the same rows: none of them calls a collective
+        return loss.view(N), grad_s, grad_t, torch.tensor(float(vocab_start + V), dtype=torch.float64)
+    launch(1)
+    # stats [N, 1, 6] = (max, sum) of s', t', s: the global max (and the vocabulary's end) ...
+    m, d = stats[:, 0, 0::2], stats[:, 0, 1::2]
+    m_all = torch.cat([m.reshape(-1).double(), torch.full((1,), vocab_start + V, dtype=torch.float64,
+                                                          device=dev)])
+    all_reduce(m_all, "max")
+    v_end = m_all[-1]
+    m_all = m_all[:-1].view(N, 3).float()
+    # ... then the sums rescaled to it
+    d_all = torch.where(m == -math.inf, 0.0, d * torch.exp(m - m_all))
+    all_reduce(d_all, "sum")
+    stats[:, 0, 0::2] = m_all
+    stats[:, 0, 1::2] = d_all
+    if labels is not None:
+        bad = (labels >= v_end) & (labels != ignore_index)
+        labels = torch.where(bad, -1 if ignore_index != -1 else -2, labels)
+    if need_d:
+        launch(2, labels)
+        all_reduce(dsum, "sum")
+    launch(3, labels)
+    all_reduce(loss, "sum")
+    return loss.view(N), grad_s, grad_t, v_end
+
+
+def _launcher(student, teacher, labels, grad_s, grad_t, cfg, *, teacher_is_probs, temperature, divergence,
+              beta, soft_scale, hard_weight, ignore_index, teacher_grad, ensemble=None, y_start=0,
+              v_total=None, d_split=0):
+    """(launch(phase), loss, stats, dsum, need_d): _kd_fwd_bwd_kernel's arguments, built once."""
+    N, V = student.shape
+    dev = student.device
     tx, nt, mix = [teacher] * 3, 1, None
     if ensemble is not None and len(ensemble) > 1:
         nt = len(ensemble)
@@ -204,27 +271,29 @@ def kd_forward_into(student, teacher, labels, grad_s, *, teacher_is_probs, tempe
     need_d = uses_r2 or (teacher_grad and uses_r1)
     has_hard = labels is not None and hard_weight != 0
     f32 = dict(dtype=torch.float32, device=dev)
+    phased = cfg.splits > 1 or v_total is not None  # stats travel through memory between launches
     loss = _empty((N, cfg.splits), torch.float32, dev)
-    stats = _empty((N, cfg.splits, 6), **f32) if cfg.splits > 1 else loss
-    dsum = _empty((N, cfg.splits, 2), **f32) if cfg.splits > 1 and need_d else loss
+    stats = _empty((N, cfg.splits, 6), **f32) if phased else loss
+    dsum = _empty((N, cfg.splits, 2), **f32) if phased and need_d else loss
     gt = grad_t if teacher_grad else grad_s  # never written when teacher_grad is False
     args = (student, teacher, labels if labels is not None else loss, loss, grad_s, gt, stats, dsum,
             *tx, mix if mix is not None else loss,
             V, student.stride(0), teacher.stride(0), grad_s.stride(0), gt.stride(0),
-            *(t.stride(0) for t in tx), cfg.splits, cfg.span, 1.0 / temperature, log_b1, log_b2, w1, w2, soft_scale,
-            soft_scale / temperature, hard_weight, ignore_index)
+            *(t.stride(0) for t in tx), cfg.splits, cfg.span, 1.0 / temperature, log_b1, log_b2, w1, w2,
+            soft_scale, soft_scale / temperature, hard_weight, ignore_index,
+            y_start, V if v_total is None else v_total, d_split)
     flags = dict(BLOCK=cfg.block, ONE_BLOCK=cfg.one_block, SPLITS_P2=_next_pow2(cfg.splits),
                  DIV=divergence, TEACHER_PROBS=teacher_is_probs, HAS_LABELS=labels is not None,
                  HAS_HARD=has_hard, HARD_SEP=has_hard and temperature != 1.0,
                  TEACHER_GRAD=teacher_grad, NEED_D=need_d, NT=nt, num_warps=cfg.num_warps,
                  STATIC_SPAN=cfg.span if _interpreting() else 0)
-    if cfg.splits == 1:
-        K._kd_fwd_bwd_kernel[(N, 1)](*args, PHASE=0, **flags)
-        return loss.view(N), grad_t
-    phases = (1, 2, 3) if need_d else (1, 3)
-    for phase in phases:
-        K._kd_fwd_bwd_kernel[(N, cfg.splits)](*args, PHASE=phase, **flags)
-    return loss.sum(1), grad_t
+    kernel = _kernels()._kd_fwd_bwd_kernel
+
+    def launch(phase, labels=None):  # labels: the same rows' labels, rewritten (kd_forward_shard)
+        a = args if labels is None else args[:2] + (labels,) + args[3:]
+        kernel[(N, cfg.splits)](*a, PHASE=phase, **flags)
+
+    return launch, loss, stats, dsum, need_d
 
 
 def softmax_forward(x: torch.Tensor, temperature: float, log: bool) -> torch.Tensor:

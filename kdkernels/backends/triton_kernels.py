@@ -84,18 +84,22 @@ def _combine_lse(ptr, k, kmask):
 
 
 @triton.jit
-def _label(y_ptr, row, V, ignore_index, HAS_LABELS: tl.constexpr):
-    """(safe label, ignored, bad) of a row: an out-of-range label (not ignore_index) makes the
-    row NaN and is replaced by 0, so it is never used as an address."""
+def _label(y_ptr, row, V, y_start, v_total, ignore_index, HAS_LABELS: tl.constexpr):
+    """(column, ignored, bad) of a row's label. Labels are global ids in [0, v_total); this
+    launch holds columns [y_start, y_start + V) of the vocabulary (0 and V on one device, one
+    shard under vocab-parallel KD). column is the label's local index, or -1 if the row is
+    ignored, bad, or its label lives in another shard (address s[max(column, 0)]). An
+    out-of-range label (not ignore_index) makes the row NaN and is never used as an address."""
     if HAS_LABELS:
         y = tl.load(y_ptr + row)
         ignored = y == ignore_index
-        bad = ((y < 0) | (y >= V)) & (y != ignore_index)
-        y = tl.where(ignored | bad, 0, y)
+        bad = ((y < 0) | (y >= v_total)) & (y != ignore_index)
+        y = y - y_start
+        y = tl.where(ignored | bad | (y < 0) | (y >= V), -1, y)
     else:
-        y = tl.full([], 0, tl.int64)
-        ignored = y != 0
-        bad = y != 0
+        y = tl.full([], -1, tl.int64)
+        ignored = y != y
+        bad = ignored
     return y, ignored, bad
 
 
@@ -214,6 +218,8 @@ def _kd_fwd_bwd_kernel(
     mix_ptr,      # [N, NT] float32 log w_k - lse(t_k / T) per row (read if NT > 1)
     V, stride_s, stride_t, stride_gs, stride_gt, stride_t1, stride_t2, stride_t3, splits, SPAN,
     inv_t, log_b1, log_b2, w1, w2, soft_scale, g_scale, hard_weight, ignore_index,
+    y_start, v_total,  # labels are global ids in [0, v_total); these columns start at y_start
+    d_split,      # the split that reports a NEED_D row's divergence (-1: none, another shard does)
     PHASE: tl.constexpr,        # 0: whole row in this program; 1: split stats; 2: split D sums; 3: split gradients
     BLOCK: tl.constexpr,        # columns per step (power of 2); SPAN is a multiple of it
     ONE_BLOCK: tl.constexpr,    # PHASE 0 with V <= BLOCK: the row stays in registers (2 exps / element)
@@ -241,11 +247,11 @@ def _kd_fwd_bwd_kernel(
     gs_row = gs_ptr + row * stride_gs
     gt_row = gt_ptr + row * stride_gt
     part = row * splits + split
-    y, ignored, bad = _label(y_ptr, row, V, ignore_index, HAS_LABELS)
+    y, ignored, bad = _label(y_ptr, row, V, y_start, v_total, ignore_index, HAS_LABELS)
     live = ignored == 0  # an ignored row skips its loads (its outputs are 0 whatever they hold)
     s_y = 0.0
     if HAS_HARD:  # read before this program overwrites the row (in-place mode)
-        s_y = tl.load(s_row + y).to(tl.float32)
+        s_y = tl.load(s_row + tl.maximum(y, 0)).to(tl.float32)
     zero = tl.zeros([], tl.float32)
     offs = tl.arange(0, BLOCK)
 
@@ -359,14 +365,14 @@ def _kd_fwd_bwd_kernel(
                     _finish_block(gs_row, gt_row, cols, smask, q, p, r1, r2, D1, D2, sm, P, y, ignored,
                                   bad, g_scale, w1, w2, hard_weight, DIV, TEACHER_PROBS, HAS_HARD,
                                   TEACHER_GRAD)
-                if NEED_D:  # D is the whole row's: the first split reports it
-                    D = tl.where(split == 0, _total(D1, D2, w1, w2, DIV), 0.0)
+                if NEED_D:  # D is the whole row's: one split reports it
+                    D = tl.where(split == d_split, _total(D1, D2, w1, w2, DIV), 0.0)
                 else:
                     D = _total(L1, L2, w1, w2, DIV)
     if PHASE == 0 or PHASE == 3:
         loss = soft_scale * D
         if HAS_HARD:  # cross-entropy of the untempered logits, added by the split holding the label
-            loss += tl.where(y // SPAN == split, hard_weight * (lse_h - s_y), 0.0)
+            loss += tl.where((y >= 0) & (y // SPAN == split), hard_weight * (lse_h - s_y), 0.0)
         loss = tl.where(bad, float("nan"), loss)
         loss = tl.where(ignored, 0.0, loss)
         tl.store(loss_ptr + part, loss)
@@ -509,11 +515,11 @@ def _kd_topk_kernel(
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_s
     gs_row = gs_ptr + row * stride_gs
-    y, ignored, bad = _label(y_ptr, row, V, ignore_index, HAS_LABELS)
+    y, ignored, bad = _label(y_ptr, row, V, 0, V, ignore_index, HAS_LABELS)
     live = ignored == 0  # an ignored row skips its vocabulary loads (its outputs are 0)
     s_y = 0.0
     if HAS_HARD:
-        s_y = tl.load(s_row + y).to(tl.float32)
+        s_y = tl.load(s_row + tl.maximum(y, 0)).to(tl.float32)
     zero = tl.zeros([], tl.float32)
     offs = tl.arange(0, BLOCK)
 
