@@ -69,7 +69,8 @@ if [ "$MODE" = cpu ]; then
   CHECK_ARGS=(--device cpu --N 8 --V 129)
 else
   # the GPU test files (CI runs the rest on CPUs); no -x: a first GPU run should report every failure
-  DEVICE=cuda; TESTS=(tests/test_triton.py tests/test_cuda.py tests/test_compile.py)
+  DEVICE=cuda; TESTS=(tests/test_triton.py tests/test_topk_triton.py tests/test_cuda.py tests/test_compile.py
+         tests/test_distributed.py::test_triton_shard_one_rank_labels)
   BENCH_ARGS=(--device cuda); CHECK_ARGS=(--device cuda)
 fi
 BENCH_PREFIX="bench/results/${DEVICE}-gpu_run-$STAMP"

@@ -384,6 +384,32 @@ def test_ensemble_nan_and_ignored_rows():
     assert torch.isfinite(out[2:]).all() and torch.isfinite(g[2:]).all()
 
 
+# ---------------------------------------------------------------- fused lm_head + KD
+
+@pytest.mark.parametrize("divergence", ["kl", "jsd"])
+def test_fused_linear_on_triton(divergence):
+    """fused_linear_kd_loss with the Triton kernel on each chunk (streaming blocks), gradients of
+    hidden state, weight and bias against the float64 reference; grad_output != 1."""
+    g = torch.Generator().manual_seed(60)
+    N, Hs, Ht, V = 11, 8, 12, 101
+    r = lambda *shape: torch.randn(*shape, generator=g).to(DEVICE)  # noqa: E731
+    h, w, b = r(N, Hs).requires_grad_(), (r(V, Hs) * 0.7).requires_grad_(), r(V).requires_grad_()
+    th, tw, tb = r(N, Ht), r(V, Ht), r(V)
+    y = torch.randint(0, V, (N,), generator=g).to(DEVICE)
+    y[3] = -100
+    kw = dict(temperature=2.0, divergence=divergence, beta=0.3, hard_weight=0.5)
+    with TB.tuning(poison=True, **PATHS["blocks"]):
+        out = kdkernels.fused_linear_kd_loss(h, w, th, tw, y, student_bias=b, teacher_bias=tb, chunk_size=4,
+                                             backend="triton", **kw)
+        grads = torch.autograd.grad(out * 2.5, (h, w, b))
+    hd, wd, bd = (x.detach().cpu().double().requires_grad_() for x in (h, w, b))
+    ref = reference.fused_linear_kd_loss(hd, wd, th.cpu(), tw.cpu(), y.cpu(), student_bias=bd,
+                                         teacher_bias=tb.cpu(), **kw)
+    _close(out, ref, 2e-5, 2e-4, "loss")
+    for got, want, name in zip(grads, torch.autograd.grad(ref * 2.5, (hd, wd, bd)), ("hidden", "weight", "bias")):
+        _close(got, want, 2e-5, 2e-4, f"grad {name}")
+
+
 # ---------------------------------------------------------------- tempered softmax
 
 @pytest.mark.parametrize("path", ["one_block", "blocks"])
