@@ -160,22 +160,50 @@ def _inputs(N: int, V: int, dtype, device, teacher_probs: bool, zeros: bool, gen
     return (s.to(device).requires_grad_(), t.to(device).requires_grad_(), labels.to(device))
 
 
-def check_case(backend, device, divergence, teacher_probs, dtype, *, N, V, temperature, gen) -> dict:
-    """One backend x case against the reference: loss, d/d student, d/d teacher."""
+# Teacher forms `check` runs: dense logits, dense probabilities, an ensemble of 3 teachers
+# (weights 0.5 / 0.3 / 0.2, mixed in the kernel on Triton), an offline top-16 teacher.
+TEACHERS = ("logits", "probs", "ensemble", "topk")
+_ENSEMBLE_WEIGHTS = [0.5, 0.3, 0.2]
+_TOPK = 16
+
+
+def check_case(backend, device, divergence, teacher, dtype, *, N, V, temperature, gen) -> dict:
+    """One backend x case against the reference: loss, d/d student, d/d teacher (the teacher
+    logits or probabilities, or a top-k teacher's log-probabilities; ensembles get none)."""
+    teacher = {False: "logits", True: "probs"}.get(teacher, teacher)
     zeros = divergence != "reverse_kl"  # KL(q||p) is +inf where p = 0: no finite value to compare
-    s, t, labels = _inputs(N, V, dtype, device, teacher_probs, zeros, gen)
+    s, t, labels = _inputs(N, V, dtype, device, teacher == "probs", zeros, gen)
     kw = dict(temperature=temperature, divergence=divergence, beta=0.3, hard_weight=0.5,
               ignore_index=-100, soft_weight=0.8)
-    tkey = "teacher_probs" if teacher_probs else "teacher_logits"
-    sr, tr = s.detach().cpu().double().requires_grad_(), t.detach().cpu().double().requires_grad_()
-    ref = reference.kd_loss(sr, labels=labels.cpu(), **{tkey: tr}, **kw)
+    sr = s.detach().cpu().double().requires_grad_()
+    if teacher == "ensemble":
+        ts = [t.detach()] + [_inputs(N, V, dtype, device, False, False, gen)[1].detach() for _ in range(2)]
+        tw, tr = None, None
+        ref = reference.kd_loss_ensemble(sr, [x.cpu() for x in ts], labels.cpu(),
+                                         teacher_weights=_ENSEMBLE_WEIGHTS, **kw)
+        loss = kd_loss(s, ts, labels, teacher_weights=_ENSEMBLE_WEIGHTS, backend=backend, **kw)
+    elif teacher == "topk":
+        from .teachers import topk_teacher
+        ids, lp = topk_teacher(t.detach(), min(_TOPK, V))
+        tw = lp.to(dtype).requires_grad_()
+        tr = tw.detach().cpu().double().requires_grad_()
+        ref = reference.kd_loss_topk(sr, ids.cpu(), tr, labels.cpu(), **kw)
+        loss = kd_loss(s, labels=labels, teacher_topk_ids=ids, teacher_topk_logprobs=tw, backend=backend, **kw)
+    else:
+        tkey = "teacher_probs" if teacher == "probs" else "teacher_logits"
+        tw, tr = t, t.detach().cpu().double().requires_grad_()
+        ref = reference.kd_loss(sr, labels=labels.cpu(), **{tkey: tr}, **kw)
+        loss = kd_loss(s, labels=labels, **{tkey: t}, backend=backend, **kw)
     (ref * 1.7).backward()  # grad_output != 1: the loss is not the last layer
-    loss = kd_loss(s, labels=labels, **{tkey: t}, backend=backend, **kw)
     (loss * 1.7).backward()
     atol, rtol = TOLERANCES[dtype]
     errs, worst = {}, 0.0
-    for name, x, r in (("loss", loss.detach(), ref.detach()), ("grad_student", s.grad, sr.grad),
-                       ("grad_teacher", t.grad, tr.grad)):
+    pairs = [("loss", loss.detach(), ref.detach()), ("grad_student", s.grad, sr.grad)]
+    if tw is not None:
+        pairs.append(("grad_teacher", tw.grad, tr.grad))
+    else:
+        errs["grad_teacher"] = None  # ensembles: teachers get no gradient
+    for name, x, r in pairs:
         x, r = x.cpu().double(), r.double()
         finite = torch.isfinite(r)
         # Non-finite reference entries (none expected here) must be matched exactly.
@@ -220,6 +248,8 @@ def main_check(argv=None) -> int:
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--divergence", nargs="+", default=list(DIVERGENCES), choices=DIVERGENCES)
     p.add_argument("--dtype", nargs="+", default=None, choices=list(DTYPE_NAMES))
+    p.add_argument("--teacher", nargs="+", default=list(TEACHERS), choices=TEACHERS,
+                   help="teacher forms (default: all; top-k skips reverse_kl, which is infinite for it)")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -237,7 +267,7 @@ def main_check(argv=None) -> int:
     if not backends:
         print("no backend to check", file=sys.stderr)
         return 1
-    head = f"{'backend':<7} {'divergence':<10} {'teacher':<7} {'dtype':<8} {'result':<6} " \
+    head = f"{'backend':<7} {'divergence':<10} {'teacher':<8} {'dtype':<8} {'result':<6} " \
            f"{'loss err':>9} {'grad_s err':>10} {'grad_t err':>10} {'err/tol':>8}"
     print(head)
     print("-" * len(head))
@@ -246,20 +276,22 @@ def main_check(argv=None) -> int:
     for backend in backends:
         for dtype in _check_dtypes(backend, device, args.dtype):
             for divergence in args.divergence:
-                for probs in (False, True):
+                for teacher in args.teacher:
+                    if teacher == "topk" and divergence == "reverse_kl":
+                        continue
                     n += 1
                     try:
-                        r = check_case(backend, device, divergence, probs, dtype, N=args.N, V=args.V,
+                        r = check_case(backend, device, divergence, teacher, dtype, N=args.N, V=args.V,
                                        temperature=args.temperature, gen=gen)
                     except NotImplementedError as exc:
                         r = {"status": "N/A", "note": str(exc).splitlines()[0][:60]}
                     except Exception as exc:  # noqa: BLE001 - a crash is a failure, keep going
                         r = {"status": "FAIL", "note": f"{type(exc).__name__}: {str(exc).splitlines()[0][:60]}"}
                     failed += r["status"] == "FAIL"
-                    errs = " ".join(f"{r[k]:>{w}.2e}" for k, w in
+                    errs = " ".join(f"{r[k]:>{w}.2e}" if r[k] is not None else f"{'-':>{w}}" for k, w in
                                     (("loss", 9), ("grad_student", 10), ("grad_teacher", 10), ("err/tol", 8))) \
                         if "loss" in r else r.get("note", "")
-                    print(f"{backend:<7} {divergence:<10} {'probs' if probs else 'logits':<7} "
+                    print(f"{backend:<7} {divergence:<10} {teacher:<8} "
                           f"{str(dtype).replace('torch.', ''):<8} {r['status']:<6} {errs}", flush=True)
     print(f"{n - failed}/{n} cases passed ({time.perf_counter() - t0:.1f} s); "
           f"pass: err/tol <= 1 for loss and both gradients, tol = atol + rtol * max|ref|, (atol, rtol) = "

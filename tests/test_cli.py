@@ -27,7 +27,10 @@ def test_check_passes_on_cpu_and_prints_the_table(capsys):
     assert "PASS" in out and "FAIL" not in out
     for divergence in ("kl", "soft_ce", "reverse_kl", "jsd"):
         assert divergence in out
-    assert "32/32 cases passed" in out  # 4 divergences x 2 teacher forms x 4 dtypes
+    for teacher in ("logits", "probs", "ensemble", "topk"):
+        assert f" {teacher} " in out
+    # 4 divergences x 4 teacher forms (top-k has no reverse_kl) x 4 dtypes
+    assert "60/60 cases passed" in out
 
 
 def test_check_fails_with_exit_code_1(monkeypatch, capsys):
