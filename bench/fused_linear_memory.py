@@ -1,7 +1,7 @@
 """Peak extra memory and time of fused_linear_kd_loss against the unfused path.
 
     python bench/fused_linear_memory.py                       # CPU, N=2048 H=256 V=32000 float32
-    python bench/fused_linear_memory.py --device cuda --n 16384 --hidden 4096 --vocab 128256 --dtype bfloat16
+    python bench/fused_linear_memory.py --device cuda --n 8192 --hidden 4096 --vocab 128256 --dtype bfloat16
 
 Paths, each in a fresh subprocess (so that one path's allocator state cannot flatter the other):
   unfused  logits = F.linear(h, W) and F.linear(h_t, W_t) (teacher under no_grad), kd_loss, backward

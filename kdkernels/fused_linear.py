@@ -14,19 +14,33 @@ from .teachers import _divergence
 __all__ = ["fused_linear_kd_loss", "auto_chunk_size"]
 
 
-def auto_chunk_size(N: int, V: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Rows of logits per chunk: about 32 MiB of per-chunk buffers on a CPU; on a GPU up to
-    1 GiB or an eighth of the free memory, whichever is smaller (enough rows for GEMMs to run at
-    full speed). Per row: student and teacher logits and their gradient in `dtype`, plus about
-    three float32 work rows inside the KD kernel."""
+# GPU chunks: at least this many rows. grad_W += g^T h is a GEMM with K = rows that reads and
+# writes the whole (V, H) gradient: on an H100/H200 (~200 bf16 FLOP per HBM byte) it stays
+# compute-bound only for K >= ~400, so smaller chunks would make the fused path slower.
+GPU_MIN_ROWS = 512
+
+
+def auto_chunk_size(N: int, V: int, dtype: torch.dtype, device: torch.device, hidden: int | None = None) -> int:
+    """Rows of logits per chunk.
+
+    Per row the chunk holds the student and teacher logits and the kernel's gradient in `dtype`
+    (on Triton the gradient overwrites the student logits) plus about three float32 work values.
+    CPU: about 32 MiB of such buffers (cache-sized). GPU: max(GPU_MIN_ROWS, hidden / 8) rows,
+    which keeps the chunk's logits below about a quarter of the (V, hidden) weight gradient that
+    must exist anyway, and the weight-gradient GEMMs compute-bound; fewer if an eighth of the free
+    memory is smaller. When N is at most two such chunks it runs as one chunk (no weight-gradient
+    accumulation at all), if a quarter of the free memory holds it.
+    """
     per_row = V * (3 * torch.empty((), dtype=dtype).element_size() + 12)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        budget = min(1 << 30, free // 8)
+        rows = min(max(GPU_MIN_ROWS, (hidden or 0) // 8), free // 8 // max(per_row, 1))
+        if N <= 2 * rows and N * per_row <= free // 4:
+            rows = N
     else:
-        budget = 32 << 20
-    rows = max(1, budget // max(per_row, 1))
-    if rows >= 64:
+        rows = (32 << 20) // max(per_row, 1)
+    rows = max(1, rows)
+    if 64 <= rows < N:
         rows -= rows % 64  # whole GEMM tiles
     return int(min(max(N, 1), rows))
 
@@ -63,7 +77,9 @@ def fused_linear_kd_loss(
     ``backend`` runs on them, and the gradients of student_hidden, student_weight and
     student_bias are accumulated in the same pass (weight/bias sums in float32); backward only
     scales them. The teacher gets no gradient. Extra memory: O(chunk_size x V) plus the
-    gradients. The KD arguments are those of :func:`kdkernels.kd_loss`; reduction "mean" or
+    gradients. The weight gradient is accumulated in the weight's dtype (each chunk's GEMM
+    accumulates in float32 and adds into it: one rounding per chunk, no float32 copy of the
+    weight). The KD arguments are those of :func:`kdkernels.kd_loss`; reduction "mean" or
     "sum" ("none" is not available: the weight gradient is summed over positions in forward).
     Returns a 0-d float32 tensor (float64 for float64 inputs).
     """
@@ -96,7 +112,7 @@ def fused_linear_kd_loss(
     _check_labels(labels, h.new_empty(()).expand(*lead, V), opts)
     N = h[..., 0].numel()
     if chunk_size is None:
-        chunk_size = auto_chunk_size(N, V, h.dtype, h.device)
+        chunk_size = auto_chunk_size(N, V, h.dtype, h.device, hidden=h.shape[-1])
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     float64 = torch.float64 in (h.dtype, th.dtype)

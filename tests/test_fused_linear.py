@@ -111,6 +111,23 @@ def test_auto_chunk_size():
     assert auto_chunk_size(3, 10, torch.bfloat16, torch.device("cpu")) == 3
 
 
+def test_auto_chunk_size_gpu_rule(monkeypatch):
+    """The GPU rule, with the free memory faked (no GPU needed: only mem_get_info is called)."""
+    free = [100 << 30]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free[0], 141 << 30))
+    cuda = torch.device("cuda")
+    V, bf16 = 128256, torch.bfloat16
+    # the issue's sizes: 512-row chunks at N = 8192 (K = 512 weight-gradient GEMMs), one chunk at N = 1024
+    assert auto_chunk_size(8192, V, bf16, cuda, hidden=4096) == 512
+    assert auto_chunk_size(1024, V, bf16, cuda, hidden=4096) == 1024
+    assert auto_chunk_size(1025, V, bf16, cuda, hidden=4096) == 512
+    assert auto_chunk_size(65536, V, bf16, cuda, hidden=16384) == 2048  # hidden / 8
+    free[0] = 1 << 30  # little free memory: an eighth of it per chunk, never one big chunk
+    c = auto_chunk_size(8192, V, bf16, cuda, hidden=4096)
+    assert 1 <= c < 512 and c * V * 18 <= (1 << 30) // 8
+    assert auto_chunk_size(1024, V, bf16, cuda, hidden=4096) == c
+
+
 def test_errors():
     (h, w, b), (th, tw, tb), y = _case(4, 8, 6, 10, torch.float32)
     fl = kdkernels.fused_linear_kd_loss

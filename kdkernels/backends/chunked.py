@@ -73,36 +73,44 @@ def fused_linear_forward(backend, hidden, weight, bias, t_hidden, t_weight, t_bi
     """Summed loss (0-d) and the gradients of hidden [N, H], weight [V, H] and bias [V] (or [0]).
 
     Per chunk of rows: s = h W^T + b and t = h_t W_t^T + b_t in the input dtype (the matmul
-    accumulates in float32), kd_forward on (s, t), then grad_h = g W and grad_W += g^T h, with
-    grad_W / grad_b accumulated in float32 (float64 for float64 weights).
+    accumulates in float32), the fused KD kernel on (s, t) (on Triton the gradient overwrites s
+    in place), then grad_h = g W and grad_W += g^T h. grad_W is accumulated in the weight's own
+    dtype by an in-place addmm (float32 inside each GEMM, one rounding per chunk): a float32
+    accumulator would cost twice a bfloat16 weight, more than the whole O(chunk x V) budget at
+    LLM sizes. grad_b (V values) is accumulated in float32.
     """
     N = hidden.shape[0]
     V = weight.shape[0]
     acc = _acc_dtype(hidden, t_hidden)
-    fwd = module(backend).kd_forward
+    mod = module(backend)
+    into = getattr(mod, "kd_forward_into", None)  # writes the gradient over the logits chunk
     total = torch.zeros((), dtype=acc, device=hidden.device)
-    w_acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    b_acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
     grad_h = torch.empty(hidden.shape if compute_grads else (0,), dtype=hidden.dtype, device=hidden.device)
-    grad_w = torch.zeros(weight.shape if compute_grads else (0,), dtype=w_acc, device=weight.device)
-    grad_b = torch.zeros((V,) if compute_grads and bias is not None else (0,), dtype=w_acc, device=weight.device)
+    grad_w = torch.zeros(weight.shape if compute_grads else (0,), dtype=weight.dtype, device=weight.device)
+    grad_b = torch.zeros((V,) if compute_grads and bias is not None else (0,), dtype=b_acc, device=weight.device)
+    kw = dict(teacher_is_probs=False, temperature=temperature, divergence=divergence, beta=beta,
+              soft_scale=soft_scale, hard_weight=hard_weight, ignore_index=ignore_index, teacher_grad=False)
     for a in range(0, N, chunk_size):
         b = min(N, a + chunk_size)
         h = hidden[a:b]
         s = torch.nn.functional.linear(h, weight, bias)
         t = torch.nn.functional.linear(t_hidden[a:b], t_weight, t_bias)
-        loss, g, _ = fwd(s, t, None if labels is None else labels[a:b], teacher_is_probs=False,
-                         temperature=temperature, divergence=divergence, beta=beta, soft_scale=soft_scale,
-                         hard_weight=hard_weight, ignore_index=ignore_index, teacher_grad=False)
-        del s, t
+        y = None if labels is None else labels[a:b]
+        if into is not None and compute_grads:
+            loss, _ = into(s, t, y, s, **kw)
+            g = s
+        else:
+            loss, g, _ = mod.kd_forward(s, t, y, **kw)
+            del s
+        del t
         total += loss.sum()
         if not compute_grads:
             continue
         g = g.to(weight.dtype)
         torch.matmul(g, weight, out=grad_h[a:b])
-        if grad_w.dtype == weight.dtype:
-            grad_w.addmm_(g.t(), h)
-        else:  # half-precision weights: the GEMM in their dtype, the running sum in float32
-            grad_w += g.t() @ h
+        grad_w.addmm_(g.t(), h)
         if grad_b.numel():
-            grad_b += g.sum(0, dtype=w_acc)
-    return total, grad_h, grad_w.to(weight.dtype), grad_b.to(weight.dtype)
+            grad_b += g.sum(0, dtype=b_acc)
+        del g
+    return total, grad_h, grad_w, grad_b.to(weight.dtype)
