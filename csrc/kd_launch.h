@@ -81,7 +81,8 @@ cudaError_t kd_plan(const KdArgs& a, KdPlan* plan);
 cudaError_t kd_launch(const KdArgs& a, cudaStream_t stream, KdPlan* plan);
 
 // Fused forward + backward against a top-k teacher: loss, grad_s and (if non-null) grad_t.
-// One CTA per row; cudaErrorInvalidValue for k outside [1, min(V, kTopkMaxK)] or reverse_kl.
+// One CTA per row; cudaErrorInvalidValue for k outside [1, min(V, kTopkMaxK)], V >= 2**31 - 64
+// or reverse_kl.
 cudaError_t kd_topk_launch(const KdTopkArgs& a, cudaStream_t stream);
 
 // y = softmax(x / T) or log_softmax(x / T) along rows; y contiguous [N, V] of x's dtype.

@@ -254,7 +254,9 @@ cudaError_t topk_divergence(const TopkParams& p, int divergence, cudaStream_t st
 }  // namespace
 
 cudaError_t kd_topk_launch(const KdTopkArgs& a, cudaStream_t stream) {
-  if (a.k < 1 || a.k > kTopkMaxK || a.k > a.V || a.V >= (int64_t{1} << 31)) return cudaErrorInvalidValue;
+  // V - 64 bound as in the binding (check_rows): the kernel's int arithmetic V + VEC - 1 (npacks)
+  // would overflow for V within VEC of 2**31.
+  if (a.k < 1 || a.k > kTopkMaxK || a.k > a.V || a.V >= (int64_t{1} << 31) - 64) return cudaErrorInvalidValue;
   if (a.N == 0) return cudaSuccess;
   TopkParams p;
   p.s = a.student;
