@@ -413,6 +413,24 @@ def test_topk_k_limit_and_fallback(cuda, monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
+def test_topk_degenerate_sizes(cuda):
+    """k = V (the ids pass rewrites every student-gradient entry the dense pass wrote) at V = 5
+    and at the largest k, V = 1024 (8 entries per thread of a 128-thread CTA); V = 1 (a pack of
+    one element: p = q = 1, so loss and gradients are 0 up to rounding, T = 1 and T != 1)."""
+    for V, dtype in ((5, torch.float32), (5, torch.bfloat16), (CB.TOPK_MAX_K, torch.float32)):
+        s, ids, lp, y = _topk_case(6, V, V, dtype, cuda)
+        for divergence, beta in (("kl", 0.5), ("soft_ce", 0.5), ("jsd", 0.3)):
+            _topk_check(s, ids, lp, y, divergence=divergence, beta=beta, temperature=2.0, hard_weight=0.5)
+    s, ids, lp, y = _topk_case(6, 1, 1, torch.bfloat16, cuda)
+    grad_out = torch.ones(6, dtype=torch.float64, device=cuda)
+    for divergence in ("kl", "soft_ce", "jsd"):
+        for T in (1.0, 2.0):
+            out = _topk_run(s, ids, lp, y, grad_out, divergence=divergence, beta=0.3, temperature=T,
+                            hard_weight=0.5)
+            for what, x in zip(("loss", "grad student", "grad logprobs"), out):
+                assert x.float().abs().max().item() <= 1e-6, f"V = 1, {divergence}, T = {T}: {what} = {x}"
+
+
 def test_topk_labels_edge_cases_match_torch(cuda):
     """At the backend level (the API rejects out-of-range labels where it can check them): a
     custom ignore_index, out-of-range labels (NaN row, never an out-of-bounds read), no labels,
