@@ -109,7 +109,12 @@ def kd_topk_forward(student, ids, logprobs, labels, *, temperature, divergence, 
             student, ids, logprobs, labels, temperature=temperature, divergence=divergence,
             beta=beta, soft_scale=soft_scale, hard_weight=hard_weight, ignore_index=ignore_index,
             teacher_grad=teacher_grad)
-    return _ops().kd_topk(student, ids.long().contiguous(), logprobs.contiguous(), labels,
+    ops = _ops()
+    if not hasattr(ops, "kd_topk"):
+        raise RuntimeError("backend='cuda': the loaded CUDA extension was built before the top-k kernel "
+                           f"({_cuda_build.status()}); rebuild it (pip install -e . again, or delete the "
+                           "stale _cuda_ops library) or pass backend='triton' / 'torch'")
+    return ops.kd_topk(student, ids.long().contiguous(), logprobs.contiguous(), labels,
                           float(temperature), int(divergence), float(beta), float(soft_scale),
                           float(hard_weight), int(ignore_index), bool(teacher_grad))
 
@@ -149,13 +154,6 @@ def _register_fakes() -> None:
         grad_t = teacher.new_empty(teacher.shape if teacher_grad else (0,))
         return loss, student.new_empty(student.shape), grad_t
 
-    @torch.library.register_fake(lib + "kd_topk")
-    def _kd_topk_fake(student, ids, logprobs, labels, temperature, divergence, beta, soft_scale,
-                      hard_weight, ignore_index, teacher_grad):
-        loss = student.new_empty((student.shape[0],), dtype=torch.float32)
-        grad_t = logprobs.new_empty(logprobs.shape if teacher_grad else (0,))
-        return loss, student.new_empty(student.shape), grad_t
-
     @torch.library.register_fake(lib + "softmax_forward")
     def _softmax_forward_fake(x, temperature, log):
         return x.new_empty(x.shape)
@@ -163,6 +161,16 @@ def _register_fakes() -> None:
     @torch.library.register_fake(lib + "softmax_backward")
     def _softmax_backward_fake(y, grad_y, temperature, log):
         return y.new_empty(y.shape)
+
+    if not hasattr(torch.ops.kdkernels_cuda, "kd_topk"):  # a prebuilt .so older than the top-k kernel
+        return
+
+    @torch.library.register_fake(lib + "kd_topk")
+    def _kd_topk_fake(student, ids, logprobs, labels, temperature, divergence, beta, soft_scale,
+                      hard_weight, ignore_index, teacher_grad):
+        loss = student.new_empty((student.shape[0],), dtype=torch.float32)
+        grad_t = logprobs.new_empty(logprobs.shape if teacher_grad else (0,))
+        return loss, student.new_empty(student.shape), grad_t
 
 
 if _cuda_build.loaded() or (torch.version.cuda is not None and _cuda_build._registered()):
