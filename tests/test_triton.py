@@ -561,3 +561,27 @@ def test_kernels_compile_for_sm90():
     r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- random cases (hypothesis)
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(N=st.integers(1, 5), V=st.integers(1, 90), K=st.integers(2, 5), seed=st.integers(0, 2**31 - 1),
+       divergence=st.sampled_from(DIVERGENCES), temperature=st.floats(0.5, 4.0), beta=st.floats(0.05, 0.95),
+       zero_weight=st.booleans(), hard=st.sampled_from([0.0, 0.6]), path=st.sampled_from(list(PATHS)))
+def test_ensemble_random_cases(N, V, K, seed, divergence, temperature, beta, zero_weight, hard, path):
+    """Random ensembles (2..5 teachers: up to 4 mixed in the kernel, 5 through the chunked path,
+    a zero weight now and then) on random launch paths against the float64 mixture."""
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(N, V, generator=g) * 3).to(DEVICE).requires_grad_()
+    ts = [(torch.randn(N, V, generator=g) * 3).to(DEVICE) for _ in range(K)]
+    y = torch.randint(0, V, (N,), generator=g).to(DEVICE)
+    y[torch.rand(N, generator=g) < 0.3] = -100
+    w = (torch.rand(K, generator=g) + 0.1).tolist()
+    if zero_weight:
+        w[seed % K] = 0.0
+    _check_ensemble(s, ts, y, w, path, 2e-5, 2e-4, temperature=temperature, divergence=divergence,
+                    beta=beta, hard_weight=hard)
