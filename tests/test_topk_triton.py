@@ -3,7 +3,9 @@ float64 reference and the torch backend.
 
 Without a GPU the kernel runs on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1,
 set before anything imports Triton). Outputs are poisoned with NaN before the kernel writes
-them (tuning(poison=True)), and small block sizes make V = 101 cross several vocabulary blocks.
+them (tuning(poison=True)), and small block sizes make V = 101 cross several vocabulary blocks
+("blocks") or split each row's vocabulary across programs ("split": PHASE 1 statistics, PHASE 2
+gradients; 2 splits of 64 + 37 columns at N = 9, 3 of 48 + 48 + 5 at N = 6).
 """
 import os
 
@@ -22,7 +24,11 @@ from kdkernels.backends import triton_backend as TB  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [(torch.float32, 2e-5, 2e-4), (torch.bfloat16, 2e-3, 2e-2)]
-PATHS = {"one_block": {}, "blocks": dict(one_block_max=16, loop_block=32)}
+PATHS = {
+    "one_block": {},
+    "blocks": dict(one_block_max=16, loop_block=32),
+    "split": dict(one_block_max=16, loop_block=16, min_split_blocks=2, sms=4, programs_per_sm=4),
+}
 
 
 def _case(N, V, k, dtype, seed=0):
@@ -139,3 +145,97 @@ def test_opcheck():
     for code in (0, 3):
         torch.library.opcheck(ops.kd_topk_fused, (s.requires_grad_(), ids, lp.detach().requires_grad_(), y,
                                                   2.0, code, 0.4, 4.0, 0.5, -100, True, "triton"))
+
+
+# ---------------------------------------------------------------- the vocabulary split (PHASE 1, 2)
+
+def _splits(N, V, path="split"):
+    with TB.tuning(**PATHS[path]):
+        return TB.launch_config(N, V, torch.device(DEVICE))
+
+
+def _spread_case(N=6, V=101, k=8, dtype=torch.float32, seed=5):
+    """ids on both sides of every split boundary (3 splits of 48 columns at N = 6, V = 101: the
+    last one holds 5), labels inside and outside the ids, in every split, one row ignored."""
+    s, _, _, y = _case(N, V, k, dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    fixed = [0, 47, 48, 95, 96, 100]
+    ids = torch.empty(N, k, dtype=torch.int64)
+    for r in range(N):
+        rest = torch.tensor([c for c in torch.randperm(V, generator=g).tolist() if c not in fixed][: k - len(fixed)])
+        ids[r] = torch.cat([torch.tensor(fixed), rest])[torch.randperm(k, generator=g)]
+    lp = torch.log_softmax(torch.randn(N, k, generator=g) * 2, -1)
+    y = torch.tensor([100, -100, 47, 3, 96, 60])[:N]  # row 1 ignored; 100, 47, 96 are ids
+    return s, ids.to(DEVICE), lp.to(dtype).to(DEVICE), y.to(DEVICE)
+
+
+def test_split_paths_take_the_split():
+    assert _splits(9, 101).splits == 2 and _splits(6, 101).splits == 3 and _splits(6, 101).span == 48
+    assert _splits(9, 101, "blocks").splits == 1 and _splits(9, 101, "one_block").splits == 1
+
+
+@pytest.mark.parametrize("divergence,beta", [("kl", 0.5), ("soft_ce", 0.5), ("jsd", 0.3)])
+@pytest.mark.parametrize("temperature,hard_weight", [(1.0, 0.5), (2.5, 0.7)])
+def test_split_ids_across_splits(divergence, beta, temperature, hard_weight):
+    """Every split rewrites only the ids inside its own span; the loss and the teacher gradient
+    (split 0's) carry the whole row, the hard-label term included, wherever the label lives.
+    (bfloat16 on the split path: test_matches_reference_and_torch.)"""
+    s, ids, lp, y = _spread_case()
+    kw = dict(temperature=temperature, divergence=divergence, beta=beta, hard_weight=hard_weight,
+              reduction="none")
+    out, gs, gl = _run("triton", s, ids, lp, y, "split", **kw)
+    sr, lr = s.detach().cpu().requires_grad_(), lp.detach().cpu().requires_grad_()
+    ref = reference.kd_loss_topk(sr, ids.cpu(), lr, y.cpu(), **kw)
+    gsr, glr = torch.autograd.grad((ref * 3.0).sum(), (sr, lr))
+    _close(out, ref, 2e-5, 2e-4, "loss vs reference")
+    _close(gs, gsr, 2e-5, 2e-4, "grad student vs reference")
+    _close(gl, glr, 2e-5, 2e-4, "grad logprobs vs reference")
+    assert (out[1] == 0).all() and (gs[1] == 0).all() and (gl[1] == 0).all()
+    # the same float32 math as one program per row, up to the order of the statistics' sums
+    one = _run("triton", s, ids, lp, y, "blocks", **kw)
+    for a, b, what in zip((out, gs, gl), one, ("loss", "grad_s", "grad_t")):
+        _close(a, b, 1e-6, 1e-5, f"split vs blocks {what}")
+
+
+def test_split_k_equals_v_and_many_splits():
+    """k = V: the ids pass rewrites every column, in the split that owns it (5 splits of 8
+    columns in 2 blocks, the last holding 5; SPLITS_P2 = 8 leaves 3 masked statistics lanes)."""
+    from kdkernels.backends import torch_backend
+    tune = dict(one_block_max=4, loop_block=4, min_split_blocks=1, sms=4, programs_per_sm=4)
+    s, ids, lp, y = _case(3, 37, 37, torch.float32, seed=6)
+    with TB.tuning(**tune):
+        cfg = TB.launch_config(3, 37, torch.device(DEVICE))
+    assert (cfg.splits, cfg.span) == (5, 8)
+    for code, T, hw in ((0, 1.0, 0.5), (3, 2.0, 0.5), (1, 1.5, 0.0)):
+        kw = dict(temperature=T, divergence=code, beta=0.4, soft_scale=1.3, hard_weight=hw,
+                  ignore_index=-100, teacher_grad=True)
+        with TB.tuning(poison=True, **tune):
+            out = TB.kd_topk_forward(s, ids, lp, y, **kw)
+        ref = torch_backend.kd_topk_forward(s.cpu(), ids.cpu(), lp.cpu(), y.cpu(), **kw)
+        for a, b, what in zip(out, ref, ("loss", "grad_s", "grad_t")):
+            _close(a, b, 2e-5, 2e-4, f"code={code} T={T} {what}")
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_nan_propagates_within_its_row(path):
+    """A NaN student logit (in the last split's span, not an id) makes its row's loss and
+    gradient NaN; a NaN teacher log-probability does what the torch backend does; a NaN in an
+    ignored row leaves zeros; no NaN leaks into other rows."""
+    from kdkernels.backends import torch_backend
+    s, ids, lp, y = _spread_case()
+    s, lp = s.clone(), lp.clone()
+    col = next(c for c in range(97, 101) if c not in ids[0].tolist())
+    s[0, col] = float("nan")
+    lp[2, 3] = float("nan")
+    s[1, 50] = float("nan")  # row 1 is ignored
+    for code, T, hw in ((0, 1.0, 0.5), (3, 2.0, 0.5), (1, 2.0, 0.0)):
+        kw = dict(temperature=T, divergence=code, beta=0.4, soft_scale=1.0, hard_weight=hw,
+                  ignore_index=-100, teacher_grad=True)
+        with TB.tuning(poison=True, **PATHS[path]):
+            loss, gs, gt = TB.kd_topk_forward(s, ids, lp, y, **kw)
+        ref = torch_backend.kd_topk_forward(s.cpu(), ids.cpu(), lp.cpu(), y.cpu(), **kw)
+        for a, b, what in zip((loss, gs, gt), ref, ("loss", "grad_s", "grad_t")):
+            _close(a, b, 2e-5, 2e-4, f"code={code} T={T} {what}")
+        assert loss[0].isnan() and gs[0].isnan().all() and loss[2].isnan()
+        assert loss[1] == 0 and (gs[1] == 0).all() and (gt[1] == 0).all()
+        assert torch.isfinite(loss[3:]).all() and torch.isfinite(gs[3:]).all() and torch.isfinite(gt[3:]).all()

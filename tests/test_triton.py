@@ -538,12 +538,14 @@ for nt in (2, 4):  # the ensemble's per-teacher statistics
     triton.compile(ASTSource(fn=K._mixture_stats_kernel, signature={**ms, **{k: "constexpr" for k in c}},
                              constexprs=c), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
 tk = {n: "*bf16" for n in ("s_ptr", "lp_ptr", "gs_ptr", "gt_ptr")}
-tk.update(ids_ptr="*i64", y_ptr="*i64", loss_ptr="*fp32", ignore_index="i64")
-tk.update({n: "i32" for n in ("V", "K", "stride_s", "stride_gs")})
+tk.update(ids_ptr="*i64", y_ptr="*i64", loss_ptr="*fp32", stats_ptr="*fp32", ignore_index="i64")
+tk.update({n: "i32" for n in ("V", "K", "stride_s", "stride_gs", "splits", "SPAN")})
 tk.update({n: "fp32" for n in ("inv_t", "log_beta", "log1m_beta", "beta", "soft_scale", "g_scale", "hard_weight")})
-for div, tgrad in [(0, True), (1, False), (3, True)]:  # the top-k teacher kernel: kl, soft_ce, jsd
-    c = dict(BLOCK=4096, KBLOCK=64, DIV=div, HAS_LABELS=True, HAS_HARD=True, HARD_SEP=True,
-             TEACHER_GRAD=tgrad, STATIC_V=0)
+# the top-k teacher kernel: kl, soft_ce, jsd; PHASE 0 (a row per program), 1 / 2 (vocabulary split)
+for phase, div, tgrad, sep in [(0, 0, True, True), (0, 1, False, True), (0, 3, True, True), (1, 0, False, True),
+                               (1, 3, False, False), (2, 0, True, True), (2, 1, False, False), (2, 3, True, True)]:
+    c = dict(PHASE=phase, BLOCK=4096, KBLOCK=64, SPLITS_P2=1 if phase == 0 else 16, DIV=div, HAS_LABELS=True,
+             HAS_HARD=True, HARD_SEP=sep, TEACHER_GRAD=tgrad, STATIC_SPAN=0)
     triton.compile(ASTSource(fn=K._kd_topk_kernel, signature={**tk, **{k: "constexpr" for k in c}}, constexprs=c),
                    target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
 print("compiled")

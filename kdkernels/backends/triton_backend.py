@@ -331,8 +331,13 @@ TOPK_MAX_K = 1024
 def kd_topk_forward(student, ids, logprobs, labels, *, temperature, divergence, beta, soft_scale,
                     hard_weight, ignore_index, teacher_grad):
     """Fused per-row loss and gradients against an offline top-k teacher (the contract of
-    kdkernels.ops.kd_topk_fused; torch_backend.kd_topk_forward is the same math). One program
-    per row: two streaming passes over the row's vocabulary, the k entries in one block."""
+    kdkernels.ops.kd_topk_fused; torch_backend.kd_topk_forward is the same math). The k entries
+    of a row sit in one block of registers. `launch_config` decides the vocabulary split: with
+    one split, one program per row (PHASE 0: two streaming passes over the row); with few rows
+    and a large vocabulary, two launches over (N, splits) programs: PHASE 1 writes per-(row,
+    split) (max, sum) statistics ([N, splits, 6] float32), PHASE 2 combines them in every
+    program, writes its span of the gradient (and the ids inside it), and split 0 writes the
+    loss and the teacher gradient. Deterministic either way."""
     N, V = student.shape
     k = ids.shape[-1]
     if k > _TUNING.get("topk_max_k", TOPK_MAX_K):
@@ -352,17 +357,26 @@ def kd_topk_forward(student, ids, logprobs, labels, *, temperature, divergence, 
         raise ValueError(f"divergence {name!r} is not defined for top-k teachers")
     ids = ids.contiguous()
     logprobs = logprobs.contiguous()
-    one_max = _TUNING.get("one_block_max", ONE_BLOCK_MAX)
-    block = max(16, _next_pow2(V)) if V <= one_max else _TUNING.get("loop_block", LOOP_BLOCK)
+    # The block rule's block (next_pow2(V) for a short row, streamed all the same: the kernel has
+    # no in-register path) and split; at least 4 warps (the k entries share the program).
+    cfg = launch_config(N, V, dev)
     jsd = name == "jsd"
     has_hard = labels is not None and hard_weight != 0
     gt = grad_t if teacher_grad else loss  # never written when teacher_grad is False
-    _kernels()._kd_topk_kernel[(N,)](
-        student, ids, logprobs, labels if labels is not None else loss, loss, grad_s, gt,
-        V, k, student.stride(0), grad_s.stride(0),
-        1.0 / temperature, math.log(beta) if jsd else 0.0, math.log1p(-beta) if jsd else 0.0,
-        beta, soft_scale, soft_scale / temperature, hard_weight, ignore_index,
-        BLOCK=block, KBLOCK=max(16, _next_pow2(k)), DIV=divergence, HAS_LABELS=labels is not None,
-        HAS_HARD=has_hard, HARD_SEP=has_hard and temperature != 1.0, TEACHER_GRAD=teacher_grad,
-        STATIC_V=V if _interpreting() else 0, num_warps=min(16, max(4, block // 512)))
+    stats = _empty((N, cfg.splits, 6), torch.float32, dev) if cfg.splits > 1 else loss
+    args = (student, ids, logprobs, labels if labels is not None else loss, loss, grad_s, gt, stats,
+            V, k, student.stride(0), grad_s.stride(0), cfg.splits, cfg.span,
+            1.0 / temperature, math.log(beta) if jsd else 0.0, math.log1p(-beta) if jsd else 0.0,
+            beta, soft_scale, soft_scale / temperature, hard_weight, ignore_index)
+    flags = dict(BLOCK=cfg.block, KBLOCK=max(16, _next_pow2(k)), SPLITS_P2=_next_pow2(cfg.splits),
+                 DIV=divergence, HAS_LABELS=labels is not None, HAS_HARD=has_hard,
+                 HARD_SEP=has_hard and temperature != 1.0, TEACHER_GRAD=teacher_grad,
+                 STATIC_SPAN=cfg.span if _interpreting() else 0,
+                 num_warps=min(16, max(4, cfg.block // 512)))
+    kernel = _kernels()._kd_topk_kernel
+    if cfg.splits == 1:
+        kernel[(N,)](*args, PHASE=0, **flags)
+    else:
+        kernel[(N, cfg.splits)](*args, PHASE=1, **flags)
+        kernel[(N, cfg.splits)](*args, PHASE=2, **flags)
     return loss, grad_s, grad_t

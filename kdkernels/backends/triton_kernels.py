@@ -489,127 +489,161 @@ def _kd_topk_kernel(
     ids_ptr,      # [N, K] int64 teacher ids (distinct per row, in [0, V)), contiguous rows
     lp_ptr,       # [N, K] teacher log-probabilities at ids (T = 1), contiguous rows
     y_ptr,        # [N] int64 labels (read only if HAS_LABELS)
-    loss_ptr,     # [N] float32 per-row loss
+    loss_ptr,     # [N] float32 per-row loss (written by split 0)
     gs_ptr,       # [N, V] d loss_row / d student, row stride stride_gs
-    gt_ptr,       # [N, K] d loss_row / d logprobs (written if TEACHER_GRAD), contiguous rows
-    V, K, stride_s, stride_gs,
+    gt_ptr,       # [N, K] d loss_row / d logprobs (written by split 0 if TEACHER_GRAD), contiguous rows
+    stats_ptr,    # [N, splits, 6] float32 per-split (max, sum) of s' at [0, 1] and of s at [4, 5]
+                  # (_kd_fwd_bwd_kernel's layout; slots 2, 3 unused). PHASE 1 writes, PHASE 2 reads
+    V, K, stride_s, stride_gs, splits, SPAN,
     inv_t, log_beta, log1m_beta, beta, soft_scale, g_scale, hard_weight, ignore_index,
-    BLOCK: tl.constexpr,        # columns per step of the two vocabulary passes (power of 2)
+    PHASE: tl.constexpr,        # 0: whole row in this program; 1: split stats; 2: split gradients + loss
+    BLOCK: tl.constexpr,        # columns per step of the vocabulary passes (power of 2); SPAN is a multiple of it when split
     KBLOCK: tl.constexpr,       # next power of 2 >= K: the k teacher entries in one block
+    SPLITS_P2: tl.constexpr,    # next power of 2 >= splits
     DIV: tl.constexpr,          # KL, SOFT_CE or JSD (reverse_kl is infinite for a top-k teacher)
     HAS_LABELS: tl.constexpr,
     HAS_HARD: tl.constexpr,     # hard_weight != 0 (needs labels)
     HARD_SEP: tl.constexpr,     # HAS_HARD and T != 1: softmax(s) needs its own statistics
     TEACHER_GRAD: tl.constexpr,
-    STATIC_V: tl.constexpr,     # V again, interpreter only (0 on GPUs): see _STATIC_NOTE
+    STATIC_SPAN: tl.constexpr,  # SPAN again, interpreter only (0 on GPUs): see _STATIC_NOTE
 ):
-    """One program per row against an offline top-k teacher (torch_backend.kd_topk_forward's math).
+    """Loss and gradients against an offline top-k teacher (torch_backend.kd_topk_forward's math).
 
     p = softmax(logprobs / T) over the k entries (0 elsewhere), q = softmax(s / T) over V.
-    Pass 1: online (max, sum) of s / T (and of s for the hard term when T != 1). Then the k
-    entries (one block): the divergence, the teacher gradient and the student gradient at the
-    ids. Pass 2: the dense student gradient coef * q / T * soft_scale (+ the hard term) over the
-    whole row; after a barrier the ids' entries are overwritten with their own values, in this
-    program only (no other program touches the row).
+    A program owns the columns [lo, hi) = [split * SPAN, min(V, (split + 1) * SPAN)) of its row
+    (PHASE 0: grid (N,), one program per row, SPAN = V; PHASE 1, 2: grid (N, splits)).
+    Pass 1 (PHASE 0, 1): online (max, sum) of s / T (and of s for the hard term when T != 1)
+    over the program's columns; PHASE 1 stores them per (row, split). PHASE 2 combines its row's
+    per-split statistics itself (as _kd_fwd_bwd_kernel's PHASE 3: fixed order, no atomics).
+    Then the k entries (one block, recomputed by every split program, ids read anywhere in the
+    row): the divergence, the teacher gradient and the student gradient at the ids. Pass 2: the
+    dense student gradient coef * q / T * soft_scale (+ the hard term) over the program's
+    columns; after a barrier the ids inside [lo, hi) are overwritten with their own values. Only
+    this program writes those columns, so there is no cross-program race. The loss and the
+    teacher gradient are written by split 0 alone (the whole row's, hard-label term included).
     """
     row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    lo = split * SPAN
+    hi = tl.minimum(V, lo + SPAN)
     s_row = s_ptr + row * stride_s
     gs_row = gs_ptr + row * stride_gs
     y, ignored, bad = _label(y_ptr, row, V, 0, V, ignore_index, HAS_LABELS)
     live = ignored == 0  # an ignored row skips its vocabulary loads (its outputs are 0)
-    s_y = 0.0
-    if HAS_HARD:
-        s_y = tl.load(s_row + tl.maximum(y, 0)).to(tl.float32)
     zero = tl.zeros([], tl.float32)
     offs = tl.arange(0, BLOCK)
 
-    # ---- pass 1: statistics of s' = s / T (and of s)
-    m_s = tl.full([], NEG_INF, tl.float32)
-    m_h = m_s
-    d_s = zero
-    d_h = zero
-    for off in range(0, STATIC_V if STATIC_V else V, BLOCK):
-        cols = off + offs
-        s = tl.load(s_row + cols, mask=(cols < V) & live, other=NEG_INF).to(tl.float32)
-        m_s, d_s = _online(m_s, d_s, s * inv_t)
-        if HARD_SEP:
-            m_h, d_h = _online(m_h, d_h, s)
-    lse_s = _lse(m_s, d_s)
-    lse_h = lse_s
-    if HARD_SEP:
-        lse_h = _lse(m_h, d_h)
+    # ---- pass 1: statistics of s' = s / T (and of s) over [lo, hi)
+    if PHASE <= 1:
+        m_s = tl.full([], NEG_INF, tl.float32)
+        m_h = m_s
+        d_s = zero
+        d_h = zero
+        for off in range(0, STATIC_SPAN if STATIC_SPAN else SPAN, BLOCK):
+            cols = lo + off + offs
+            s = tl.load(s_row + cols, mask=(cols < hi) & live, other=NEG_INF).to(tl.float32)
+            m_s, d_s = _online(m_s, d_s, s * inv_t)
+            if HARD_SEP:
+                m_h, d_h = _online(m_h, d_h, s)
+    if PHASE == 1:
+        base = stats_ptr + (row * splits + split) * 6
+        tl.store(base + 0, m_s)
+        tl.store(base + 1, d_s)
+        tl.store(base + 4, m_h)
+        tl.store(base + 5, d_h)
+    else:
+        if PHASE == 0:
+            lse_s = _lse(m_s, d_s)
+            lse_h = lse_s
+            if HARD_SEP:
+                lse_h = _lse(m_h, d_h)
+        else:  # combine the per-split statistics of this row (every split program alike)
+            ks = tl.arange(0, SPLITS_P2)
+            ksmask = ks < splits
+            rs = stats_ptr + row * splits * 6
+            lse_s = _combine_lse(rs, ks, ksmask)
+            lse_h = lse_s
+            if HARD_SEP:
+                lse_h = _combine_lse(rs + 4, ks, ksmask)
+        s_y = 0.0
+        if HAS_HARD:
+            s_y = tl.load(s_row + tl.maximum(y, 0)).to(tl.float32)
 
-    # ---- the k teacher entries
-    kk = tl.arange(0, KBLOCK)
-    kmask = kk < K
-    idx = tl.load(ids_ptr + row * K + kk, mask=kmask, other=0)
-    tp = tl.load(lp_ptr + row * K + kk, mask=kmask, other=NEG_INF).to(tl.float32) * inv_t
-    m_t = tl.max(tp, 0)
-    e_t = tl.exp(tp - tl.where(m_t == NEG_INF, 0.0, m_t))
-    d_t = tl.sum(e_t, 0)
-    p = e_t / d_t
-    log_p = tp - _lse(m_t, d_t)
-    s_k = tl.load(s_row + idx, mask=kmask & live, other=NEG_INF).to(tl.float32)
-    lq = s_k * inv_t - lse_s
-    qk = tl.exp(lq)
-    if DIV == KL:
-        D = tl.sum(_mul0(p, log_p - lq), 0)
-        dT = _mul0(p, log_p - lq - D)
-        g_k = qk - p
-        coef = 1.0 + zero
-    elif DIV == SOFT_CE:
-        D = -tl.sum(_mul0(p, lq), 0)
-        dT = -_mul0(p, lq + D)
-        g_k = qk - p
-        coef = 1.0 + zero
-    else:  # jsd: outside the ids p = 0, m = (1 - beta) q, log(q / m) = c = -log(1 - beta)
-        c = -log1m_beta
-        log_m = _logaddexp(log_p + log_beta, lq + log1m_beta)
-        rp = log_p - log_m
-        rq = lq - log_m
-        q_out = tl.maximum(1.0 - tl.sum(qk, 0), 0.0)  # student mass outside the ids
-        kl_qm = tl.sum(_mul0(qk, rq), 0) + c * q_out
-        kl_pm = tl.sum(_mul0(p, rp), 0)
-        D = beta * kl_pm + (1.0 - beta) * kl_qm
-        dT = beta * _mul0(p, rp - kl_pm)
-        g_k = (1.0 - beta) * _mul0(qk, rq - kl_qm)
-        coef = (1.0 - beta) * (c - kl_qm)
+        # ---- the k teacher entries (the whole row's, in every program)
+        kk = tl.arange(0, KBLOCK)
+        kmask = kk < K
+        idx = tl.load(ids_ptr + row * K + kk, mask=kmask, other=0)
+        tp = tl.load(lp_ptr + row * K + kk, mask=kmask, other=NEG_INF).to(tl.float32) * inv_t
+        m_t = tl.max(tp, 0)
+        e_t = tl.exp(tp - tl.where(m_t == NEG_INF, 0.0, m_t))
+        d_t = tl.sum(e_t, 0)
+        p = e_t / d_t
+        log_p = tp - _lse(m_t, d_t)
+        s_k = tl.load(s_row + idx, mask=kmask & live, other=NEG_INF).to(tl.float32)
+        lq = s_k * inv_t - lse_s
+        qk = tl.exp(lq)
+        if DIV == KL:
+            D = tl.sum(_mul0(p, log_p - lq), 0)
+            dT = _mul0(p, log_p - lq - D)
+            g_k = qk - p
+            coef = 1.0 + zero
+        elif DIV == SOFT_CE:
+            D = -tl.sum(_mul0(p, lq), 0)
+            dT = -_mul0(p, lq + D)
+            g_k = qk - p
+            coef = 1.0 + zero
+        else:  # jsd: outside the ids p = 0, m = (1 - beta) q, log(q / m) = c = -log(1 - beta)
+            c = -log1m_beta
+            log_m = _logaddexp(log_p + log_beta, lq + log1m_beta)
+            rp = log_p - log_m
+            rq = lq - log_m
+            q_out = tl.maximum(1.0 - tl.sum(qk, 0), 0.0)  # student mass outside the ids
+            kl_qm = tl.sum(_mul0(qk, rq), 0) + c * q_out
+            kl_pm = tl.sum(_mul0(p, rp), 0)
+            D = beta * kl_pm + (1.0 - beta) * kl_qm
+            dT = beta * _mul0(p, rp - kl_pm)
+            g_k = (1.0 - beta) * _mul0(qk, rq - kl_qm)
+            coef = (1.0 - beta) * (c - kl_qm)
 
-    # ---- pass 2: the dense student gradient, every column once
-    for off in range(0, STATIC_V if STATIC_V else V, BLOCK):
-        cols = off + offs
-        smask = cols < V
-        s = tl.load(s_row + cols, mask=smask & live, other=NEG_INF).to(tl.float32)
-        q = tl.exp(s * inv_t - lse_s)
-        g = q * coef * g_scale
+        # ---- pass 2: the dense student gradient, every column of [lo, hi) once
+        for off in range(0, STATIC_SPAN if STATIC_SPAN else SPAN, BLOCK):
+            cols = lo + off + offs
+            smask = cols < hi
+            s = tl.load(s_row + cols, mask=smask & live, other=NEG_INF).to(tl.float32)
+            q = tl.exp(s * inv_t - lse_s)
+            g = q * coef * g_scale
+            if HAS_HARD:
+                if HARD_SEP:
+                    sm = tl.exp(s - lse_h)
+                else:
+                    sm = q
+                g += hard_weight * (sm - tl.where(cols == y, 1.0, 0.0))
+            g = tl.where(bad, float("nan"), g)
+            g = tl.where(ignored, 0.0, g)
+            _store(gs_row + cols, g, smask)
+        # every thread's dense stores land before the ids' entries are overwritten
+        tl.debug_barrier()
+        g_k = g_k * g_scale
         if HAS_HARD:
             if HARD_SEP:
-                sm = tl.exp(s - lse_h)
+                sm_k = tl.exp(s_k - lse_h)
             else:
-                sm = q
-            g += hard_weight * (sm - tl.where(cols == y, 1.0, 0.0))
-        g = tl.where(bad, float("nan"), g)
-        g = tl.where(ignored, 0.0, g)
-        _store(gs_row + cols, g, smask)
-    # every thread's dense stores land before the ids' entries are overwritten
-    tl.debug_barrier()
-    g_k = g_k * g_scale
-    if HAS_HARD:
-        if HARD_SEP:
-            sm_k = tl.exp(s_k - lse_h)
-        else:
-            sm_k = qk
-        g_k += hard_weight * (sm_k - tl.where(idx == y, 1.0, 0.0))
-    g_k = tl.where(bad, float("nan"), g_k)
-    g_k = tl.where(ignored, 0.0, g_k)
-    _store(gs_row + idx, g_k, kmask)
-    if TEACHER_GRAD:  # d loss / d logprobs: dD/d(lp / T) * soft_scale / T (not NaN on a bad label)
-        gt = tl.where(ignored, 0.0, dT * g_scale)
-        _store(gt_ptr + row * K + kk, gt, kmask)
+                sm_k = qk
+            g_k += hard_weight * (sm_k - tl.where(idx == y, 1.0, 0.0))
+        g_k = tl.where(bad, float("nan"), g_k)
+        g_k = tl.where(ignored, 0.0, g_k)
+        kown = kmask
+        if PHASE == 2:  # only the ids in this program's columns
+            kown = kmask & (idx >= lo) & (idx < hi)
+        _store(gs_row + idx, g_k, kown)
+        first = split == 0  # PHASE 0: always
+        if TEACHER_GRAD:  # d loss / d logprobs: dD/d(lp / T) * soft_scale / T (not NaN on a bad label)
+            gt = tl.where(ignored, 0.0, dT * g_scale)
+            _store(gt_ptr + row * K + kk, gt, kmask & first)
 
-    loss = soft_scale * D
-    if HAS_HARD:
-        loss += hard_weight * (lse_h - s_y)
-    loss = tl.where(bad, float("nan"), loss)
-    loss = tl.where(ignored, 0.0, loss)
-    tl.store(loss_ptr + row, loss)
+        loss = soft_scale * D
+        if HAS_HARD:
+            loss += hard_weight * (lse_h - s_y)
+        loss = tl.where(bad, float("nan"), loss)
+        loss = tl.where(ignored, 0.0, loss)
+        tl.store(loss_ptr + row, loss, mask=first)
