@@ -178,6 +178,16 @@ def _total(D1, D2, w1, w2, DIV: tl.constexpr):
 
 
 @triton.jit
+def _student_grad(g, sm, cols, y, ignored, bad, hard_weight, HAS_HARD: tl.constexpr):
+    """g plus the hard-label term hard_weight * (softmax(s) - onehot(y)) (sm = softmax(s) at cols),
+    NaN on a bad label, 0 on an ignored row."""
+    if HAS_HARD:
+        g += hard_weight * (sm - tl.where(cols == y, 1.0, 0.0))
+    g = tl.where(bad, float("nan"), g)
+    return tl.where(ignored, 0.0, g)
+
+
+@triton.jit
 def _finish_block(gs_row, gt_row, cols, smask, q, p, r1, r2, D1, D2, sm, P, y, ignored, bad,
                   g_scale, w1, w2, hard_weight, DIV: tl.constexpr, TEACHER_PROBS: tl.constexpr,
                   HAS_HARD: tl.constexpr, TEACHER_GRAD: tl.constexpr):
@@ -186,11 +196,7 @@ def _finish_block(gs_row, gt_row, cols, smask, q, p, r1, r2, D1, D2, sm, P, y, i
         g = q - p
     else:
         g = w2 * _mul0(q, r2 - D2)
-    g = g * g_scale
-    if HAS_HARD:  # hard_weight * (softmax(s) - onehot(y))
-        g += hard_weight * (sm - tl.where(cols == y, 1.0, 0.0))
-    g = tl.where(bad, float("nan"), g)
-    g = tl.where(ignored, 0.0, g)
+    g = _student_grad(g * g_scale, sm, cols, y, ignored, bad, hard_weight, HAS_HARD)
     _store(gs_row + cols, g, smask)
     if TEACHER_GRAD:
         if DIV == REVERSE_KL:
@@ -611,27 +617,17 @@ def _kd_topk_kernel(
             smask = cols < hi
             s = tl.load(s_row + cols, mask=smask & live, other=NEG_INF).to(tl.float32)
             q = tl.exp(s * inv_t - lse_s)
-            g = q * coef * g_scale
-            if HAS_HARD:
-                if HARD_SEP:
-                    sm = tl.exp(s - lse_h)
-                else:
-                    sm = q
-                g += hard_weight * (sm - tl.where(cols == y, 1.0, 0.0))
-            g = tl.where(bad, float("nan"), g)
-            g = tl.where(ignored, 0.0, g)
+            sm = q
+            if HARD_SEP:
+                sm = tl.exp(s - lse_h)
+            g = _student_grad(q * coef * g_scale, sm, cols, y, ignored, bad, hard_weight, HAS_HARD)
             _store(gs_row + cols, g, smask)
         # every thread's dense stores land before the ids' entries are overwritten
         tl.debug_barrier()
-        g_k = g_k * g_scale
-        if HAS_HARD:
-            if HARD_SEP:
-                sm_k = tl.exp(s_k - lse_h)
-            else:
-                sm_k = qk
-            g_k += hard_weight * (sm_k - tl.where(idx == y, 1.0, 0.0))
-        g_k = tl.where(bad, float("nan"), g_k)
-        g_k = tl.where(ignored, 0.0, g_k)
+        sm_k = qk
+        if HARD_SEP:
+            sm_k = tl.exp(s_k - lse_h)
+        g_k = _student_grad(g_k * g_scale, sm_k, idx, y, ignored, bad, hard_weight, HAS_HARD)
         kown = kmask
         if PHASE == 2:  # only the ids in this program's columns
             kown = kmask & (idx >= lo) & (idx < hi)
