@@ -138,13 +138,14 @@ class _VocabParallelKD(torch.autograd.Function):
 _REDUCE_OPS = {"max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}
 
 
-def _check_labels_cpu(y, v_end, ignore_index):
-    """On CPU tensors (no device sync) a label outside [0, V) is a ValueError, as on one device."""
-    if y is not None and y.device.type == "cpu":
-        bad = ((y < 0) | (y >= v_end)) & (y != ignore_index)
-        if bool(bad.any()):
-            raise ValueError(f"labels must be in [0, {int(v_end)}) or ignore_index={ignore_index}, "
-                             f"got {y[bad][0].item()}")
+def _bad_labels(y, v_end, ignore_index):
+    """The rows whose label is outside [0, V) and not ignore_index; on CPU tensors (no device
+    sync) any such label is a ValueError, as on one device."""
+    bad = ((y < 0) | (y >= v_end)) & (y != ignore_index)
+    if y.device.type == "cpu" and bool(bad.any()):
+        raise ValueError(f"labels must be in [0, {int(v_end)}) or ignore_index={ignore_index}, "
+                         f"got {y[bad][0].item()}")
+    return bad
 
 
 def _forward_triton(s, t, y, start, group, T, code, beta, soft_scale, hard_weight, ignore_index, teacher_grad):
@@ -157,7 +158,8 @@ def _forward_triton(s, t, y, start, group, T, code, beta, soft_scale, hard_weigh
         s, t, y, vocab_start=start, all_reduce=all_reduce, reports_d=dist.get_rank(group) == 0,
         teacher_is_probs=False, temperature=T, divergence=code, beta=beta, soft_scale=soft_scale,
         hard_weight=hard_weight, ignore_index=ignore_index, teacher_grad=teacher_grad)
-    _check_labels_cpu(y, v_end, ignore_index)
+    if y is not None and y.device.type == "cpu":
+        _bad_labels(y, v_end, ignore_index)
     return loss, grad_s, grad_t
 
 
@@ -254,8 +256,7 @@ def _forward(s, t, y, start, group, T, code, beta, soft_scale, hard_weight, igno
         if hard:
             loss = loss + hard_weight * (lse_h.squeeze(-1) - sums[:, 3])
         # A label outside [0, V) belongs to no rank: its row is NaN, as on a single device.
-        bad = ((y < 0) | (y >= v_end)) & ~ignored
-        _check_labels_cpu(y, v_end, ignore_index)
+        bad = _bad_labels(y, v_end, ignore_index)
         loss = loss.masked_fill(bad, math.nan).masked_fill(ignored, 0.0)
         grad_s.masked_fill_(bad[:, None], math.nan)
     return loss, grad_s, grad_t
