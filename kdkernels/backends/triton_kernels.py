@@ -33,6 +33,11 @@ NEG_INF = tl.constexpr(float("-inf"))
 # (STATIC_SPAN / STATIC_V), used inline in range(); on a GPU those are 0 and the runtime
 # bound is used (no recompilation per vocab size).
 
+# _MASK_NOTE: Triton 3.9's interpreter gives `block_mask & scalar_condition` an integer dtype
+# (the scalar comparison is splatted with its operands' integer dtype), which its tl.load and
+# tl.store then reject ("mask has unsupported dtype"). Compiled kernels are unaffected. The
+# kernels therefore fold a per-row condition into a column bound (cols < hi_live) instead.
+
 # Divergence codes (kdkernels.backends.DIVERGENCES order).
 KL = tl.constexpr(0)
 SOFT_CE = tl.constexpr(1)
@@ -254,7 +259,9 @@ def _kd_fwd_bwd_kernel(
     gt_row = gt_ptr + row * stride_gt
     part = row * splits + split
     y, ignored, bad = _label(y_ptr, row, V, y_start, v_total, ignore_index, HAS_LABELS)
-    live = ignored == 0  # an ignored row skips its loads (its outputs are 0 whatever they hold)
+    # An ignored row skips its loads (its outputs are 0 whatever they hold): its loads see an
+    # empty column range [lo, hi_live). Written as a bound, not `mask & live`: see _MASK_NOTE.
+    hi_live = tl.where(ignored, lo, hi)
     s_y = 0.0
     if HAS_HARD:  # read before this program overwrites the row (in-place mode)
         s_y = tl.load(s_row + tl.maximum(y, 0)).to(tl.float32)
@@ -264,7 +271,7 @@ def _kd_fwd_bwd_kernel(
     if ONE_BLOCK:
         cols = offs
         smask = cols < V
-        s, sp, tp, P = _load_block(s_row, t_row, tx_row, mix_row, cols, smask & live, inv_t, TEACHER_PROBS, NT)
+        s, sp, tp, P = _load_block(s_row, t_row, tx_row, mix_row, cols, cols < hi_live, inv_t, TEACHER_PROBS, NT)
         m_s = tl.max(sp, 0)
         e_s = tl.exp(sp - tl.where(m_s == NEG_INF, 0.0, m_s))
         d_s = tl.sum(e_s, 0)
@@ -299,7 +306,7 @@ def _kd_fwd_bwd_kernel(
             d_h = zero
             for off in range(0, STATIC_SPAN if STATIC_SPAN else SPAN, BLOCK):
                 cols = lo + off + offs
-                s, sp, tp, P = _load_block(s_row, t_row, tx_row, mix_row, cols, (cols < hi) & live, inv_t, TEACHER_PROBS, NT)
+                s, sp, tp, P = _load_block(s_row, t_row, tx_row, mix_row, cols, cols < hi_live, inv_t, TEACHER_PROBS, NT)
                 m_s, d_s = _online(m_s, d_s, sp)
                 m_t, d_t = _online(m_t, d_t, tp)
                 if HARD_SEP:
@@ -338,7 +345,7 @@ def _kd_fwd_bwd_kernel(
                 else:
                     for off in range(0, STATIC_SPAN if STATIC_SPAN else SPAN, BLOCK):
                         cols = lo + off + offs
-                        s, sp, tp, P = _load_block(s_row, t_row, tx_row, mix_row, cols, (cols < hi) & live, inv_t, TEACHER_PROBS, NT)
+                        s, sp, tp, P = _load_block(s_row, t_row, tx_row, mix_row, cols, cols < hi_live, inv_t, TEACHER_PROBS, NT)
                         log_q = sp - lse_s
                         log_p = tp - lse_t
                         r1, r2 = _ratios(log_p, log_q, log_b1, log_b2, DIV)
@@ -354,7 +361,7 @@ def _kd_fwd_bwd_kernel(
                 for off in range(0, STATIC_SPAN if STATIC_SPAN else SPAN, BLOCK):
                     cols = lo + off + offs
                     smask = cols < hi
-                    s, sp, tp, P = _load_block(s_row, t_row, tx_row, mix_row, cols, smask & live, inv_t, TEACHER_PROBS, NT)
+                    s, sp, tp, P = _load_block(s_row, t_row, tx_row, mix_row, cols, cols < hi_live, inv_t, TEACHER_PROBS, NT)
                     log_q = sp - lse_s
                     log_p = tp - lse_t
                     q = tl.exp(log_q)
@@ -535,7 +542,7 @@ def _kd_topk_kernel(
     s_row = s_ptr + row * stride_s
     gs_row = gs_ptr + row * stride_gs
     y, ignored, bad = _label(y_ptr, row, V, 0, V, ignore_index, HAS_LABELS)
-    live = ignored == 0  # an ignored row skips its vocabulary loads (its outputs are 0)
+    hi_live = tl.where(ignored, lo, hi)  # an ignored row skips its loads (its outputs are 0)
     zero = tl.zeros([], tl.float32)
     offs = tl.arange(0, BLOCK)
 
@@ -547,7 +554,7 @@ def _kd_topk_kernel(
         d_h = zero
         for off in range(0, STATIC_SPAN if STATIC_SPAN else SPAN, BLOCK):
             cols = lo + off + offs
-            s = tl.load(s_row + cols, mask=(cols < hi) & live, other=NEG_INF).to(tl.float32)
+            s = tl.load(s_row + cols, mask=cols < hi_live, other=NEG_INF).to(tl.float32)
             m_s, d_s = _online(m_s, d_s, s * inv_t)
             if HARD_SEP:
                 m_h, d_h = _online(m_h, d_h, s)
@@ -585,7 +592,7 @@ def _kd_topk_kernel(
         d_t = tl.sum(e_t, 0)
         p = e_t / d_t
         log_p = tp - _lse(m_t, d_t)
-        s_k = tl.load(s_row + idx, mask=kmask & live, other=NEG_INF).to(tl.float32)
+        s_k = tl.load(s_row + idx, mask=kk < tl.where(ignored, 0, K), other=NEG_INF).to(tl.float32)
         lq = s_k * inv_t - lse_s
         qk = tl.exp(lq)
         if DIV == KL:
@@ -615,7 +622,7 @@ def _kd_topk_kernel(
         for off in range(0, STATIC_SPAN if STATIC_SPAN else SPAN, BLOCK):
             cols = lo + off + offs
             smask = cols < hi
-            s = tl.load(s_row + cols, mask=smask & live, other=NEG_INF).to(tl.float32)
+            s = tl.load(s_row + cols, mask=cols < hi_live, other=NEG_INF).to(tl.float32)
             q = tl.exp(s * inv_t - lse_s)
             sm = q
             if HARD_SEP:
@@ -635,7 +642,7 @@ def _kd_topk_kernel(
         first = split == 0  # PHASE 0: always
         if TEACHER_GRAD:  # d loss / d logprobs: dD/d(lp / T) * soft_scale / T (not NaN on a bad label)
             gt = tl.where(ignored, 0.0, dT * g_scale)
-            _store(gt_ptr + row * K + kk, gt, kmask & first)
+            _store(gt_ptr + row * K + kk, gt, kk < tl.where(first, K, 0))
 
         loss = soft_scale * D
         if HAS_HARD:
