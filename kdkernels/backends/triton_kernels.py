@@ -33,6 +33,14 @@ NEG_INF = tl.constexpr(float("-inf"))
 # (STATIC_SPAN / STATIC_V), used inline in range(); on a GPU those are 0 and the runtime
 # bound is used (no recompilation per vocab size).
 
+# _NAN_NOTE: NaN in, NaN out never rests on max / min semantics (a GPU's max and min, and
+# tl.max / tl.maximum by default, return the non-NaN operand). Row maxima (tl.max) only pick the
+# shift m in exp(x - m): a NaN element makes its exp, hence the row's sum d and log-sum-exp, NaN
+# whatever the max returned, and every probability and ratio of the row follows through IEEE
+# arithmetic. Wherever a max or min combines values into a result (logaddexp, the clamp of a
+# mass at 0) it is _max_nan / _min_nan, the NaN-propagating form (propagate_nan=ALL: PTX
+# max.NaN / min.NaN). tests/test_nan.py plants a NaN in each input of each kernel family.
+
 # _MASK_NOTE: Triton 3.9's interpreter gives `block_mask & scalar_condition` an integer dtype
 # (the scalar comparison is splatted with its operands' integer dtype), which its tl.load and
 # tl.store then reject ("mask has unsupported dtype"). Compiled kernels are unaffected. The
@@ -66,7 +74,7 @@ def _store(ptr, x, mask):
 def _online(m, d, x):
     """Fold block x into a running (max m, sum d = sum exp(x - m)). A block of -inf (masked
     lanes, zero probabilities) leaves (-inf, 0) without computing -inf - -inf = NaN."""
-    m_new = tl.maximum(m, tl.max(x, 0))
+    m_new = _max_nan(m, tl.max(x, 0))
     ref = tl.where(m_new == NEG_INF, 0.0, m_new)
     d = d * tl.exp(m - ref) + tl.sum(tl.exp(x - ref), 0)
     return m_new, d
@@ -115,9 +123,23 @@ def _mul0(a, b):
 
 
 @triton.jit
+def _max_nan(a, b):
+    """max(a, b), NaN if either is NaN. tl.maximum's default lowers to a max that returns the
+    other operand (PTX max.f32; fmax in Triton >= 3.8's interpreter): see _NAN_NOTE."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _min_nan(a, b):
+    """min(a, b), NaN if either is NaN (as _max_nan)."""
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _logaddexp(a, b):
-    hi = tl.maximum(a, b)
-    lo = tl.minimum(a, b)
+    """log(exp(a) + exp(b)); -inf for two -inf; NaN if either is NaN."""
+    hi = _max_nan(a, b)
+    lo = _min_nan(a, b)
     return tl.where(hi == NEG_INF, NEG_INF, hi + tl.log(1.0 + tl.exp(lo - hi)))
 
 
@@ -610,7 +632,7 @@ def _kd_topk_kernel(
             log_m = _logaddexp(log_p + log_beta, lq + log1m_beta)
             rp = log_p - log_m
             rq = lq - log_m
-            q_out = tl.maximum(1.0 - tl.sum(qk, 0), 0.0)  # student mass outside the ids
+            q_out = _max_nan(1.0 - tl.sum(qk, 0), 0.0)  # student mass outside the ids
             kl_qm = tl.sum(_mul0(qk, rq), 0) + c * q_out
             kl_pm = tl.sum(_mul0(p, rp), 0)
             D = beta * kl_pm + (1.0 - beta) * kl_qm
