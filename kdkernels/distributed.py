@@ -24,10 +24,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .api import _float_tensor, _reduce, check_options
 from .backends import DIVERGENCES, resolve
+from .options import check_options, float_tensor, reduce_rows
 from .backends.torch_backend import _mul0
-from .teachers import _divergence
 
 __all__ = ["vocab_parallel_kd_loss"]
 
@@ -71,11 +70,11 @@ def vocab_parallel_kd_loss(
                          soft_weight=soft_weight, hard_weight=hard_weight, t_squared=t_squared,
                          ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
                          backend=backend)
-    if opts["backend"] == "cuda":
+    if opts.backend == "cuda":
         raise ValueError("vocab_parallel_kd_loss runs on backend='triton' or 'torch' (or 'auto'), "
                          "not backend='cuda'")
-    s = _float_tensor("student_shard", student_shard)
-    t = _float_tensor("teacher_shard", teacher_shard)
+    s = float_tensor("student_shard", student_shard)
+    t = float_tensor("teacher_shard", teacher_shard)
     if t.shape != s.shape:
         raise ValueError(f"teacher_shard and student_shard have different shapes: {tuple(t.shape)} vs {tuple(s.shape)}")
     if t.device != s.device:
@@ -92,24 +91,23 @@ def vocab_parallel_kd_loss(
                              f"got {tuple(labels.shape)}")
         if labels.device != s.device:
             raise ValueError(f"labels is on {labels.device} but student_shard is on {s.device}")
-    elif opts["hard_weight"] > 0:
+    elif opts.hard_weight > 0:
         raise ValueError("hard_weight > 0 needs labels")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("vocab_parallel_kd_loss needs torch.distributed initialised (init_process_group)")
     float64 = torch.float64 in (s.dtype, t.dtype)
-    backend = resolve(opts["backend"], s.device, float64=float64)
+    backend = resolve(opts.backend, s.device, float64=float64)
     if backend == "cuda":  # "auto" preferred the CUDA C++ backend: it has no sharded kernel
         backend = "torch"
-    code, beta = _divergence(opts)
-    T = opts["temperature"]
-    soft_scale = opts["soft_weight"] * (T * T if opts["t_squared"] else 1.0)
+    code, beta = opts.kernel_divergence
+    T, soft_scale = opts.temperature, opts.soft_scale
     y = None if labels is None else labels.reshape(-1).long()
     V = s.shape[-1]
     teacher_grad = torch.is_grad_enabled() and t.requires_grad
     loss = _VocabParallelKD.apply(s.reshape(-1, V), t.reshape(-1, V), y, int(vocab_start), group, T, code,
-                                  beta, soft_scale, opts["hard_weight"], opts["ignore_index"], teacher_grad,
+                                  beta, soft_scale, opts.hard_weight, opts.ignore_index, teacher_grad,
                                   backend)
-    return _reduce(loss, y, s.shape[:-1], opts)
+    return reduce_rows(loss, y, s.shape[:-1], opts)
 
 
 class _VocabParallelKD(torch.autograd.Function):

@@ -7,9 +7,8 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .api import _check_labels, _float_tensor, check_options
 from .backends import resolve
-from .teachers import _divergence
+from .options import check_labels, check_options, float_tensor, reduce_total
 
 __all__ = ["fused_linear_kd_loss", "auto_chunk_size"]
 
@@ -87,11 +86,11 @@ def fused_linear_kd_loss(
                          soft_weight=soft_weight, hard_weight=hard_weight, t_squared=t_squared,
                          ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
                          backend=backend)
-    if opts["reduction"] == "none":
+    if opts.reduction == "none":
         raise ValueError("fused_linear_kd_loss supports reduction 'mean' and 'sum', not 'none': the weight "
                          "gradient is summed over positions during the forward pass")
-    h = _float_tensor("student_hidden", student_hidden)
-    th = _float_tensor("teacher_hidden", teacher_hidden)
+    h = float_tensor("student_hidden", student_hidden)
+    th = float_tensor("teacher_hidden", teacher_hidden)
     w = _matrix("student_weight", student_weight, h, "student_hidden")
     tw = _matrix("teacher_weight", teacher_weight, th, "teacher_hidden")
     if h.shape[:-1] != th.shape[:-1]:
@@ -109,37 +108,27 @@ def fused_linear_kd_loss(
             raise ValueError(f"{name} is on {x.device} but student_hidden is on {h.device}")
     lead = h.shape[:-1]
     # the shared label checks want the logits' shape and device: a stride-0 view stands in for them
-    _check_labels(labels, h.new_empty(()).expand(*lead, V), opts)
+    check_labels(labels, h.new_empty(()).expand(*lead, V), opts, name="the logits")
     N = h[..., 0].numel()
     if chunk_size is None:
         chunk_size = auto_chunk_size(N, V, h.dtype, h.device, hidden=h.shape[-1])
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     float64 = torch.float64 in (h.dtype, th.dtype)
-    backend = resolve(opts["backend"], h.device, float64=float64)
-    code, beta = _divergence(opts)
-    T = opts["temperature"]
-    soft_scale = opts["soft_weight"] * (T * T if opts["t_squared"] else 1.0)
+    backend = resolve(opts.backend, h.device, float64=float64)
+    code, beta = opts.kernel_divergence
     y = None if labels is None else labels.reshape(-1).long()
     needs = [x is not None and x.requires_grad for x in (h, w, b)]
     compute_grads = torch.is_grad_enabled() and any(needs)
     total, _, _, _ = ops.fused_linear_kd(
         h.reshape(-1, h.shape[-1]), w, b, th.detach().reshape(-1, th.shape[-1]), tw.detach(),
-        None if tb is None else tb.detach(), y, T, code, beta, soft_scale, opts["hard_weight"],
-        opts["ignore_index"], int(chunk_size), compute_grads, backend)
-    norm = opts["normalizer"]
-    if norm is not None:
-        return total / (norm.to(device=total.device, dtype=total.dtype) if isinstance(norm, Tensor) else norm)
-    if opts["reduction"] == "sum":
-        return total
-    if y is None:
-        return total / max(N, 1)
-    count = (y != opts["ignore_index"]).sum().clamp_(min=1)  # a tensor: no host sync
-    return total / count.to(total.dtype)
+        None if tb is None else tb.detach(), y, opts.temperature, code, beta, opts.soft_scale,
+        opts.hard_weight, opts.ignore_index, int(chunk_size), compute_grads, backend)
+    return reduce_total(total, y, N, opts)
 
 
 def _matrix(name, x, hidden, hidden_name):
-    x = _float_tensor(name, x)
+    x = float_tensor(name, x)
     if x.dim() != 2 or x.shape[1] != hidden.shape[-1]:
         raise ValueError(f"{name} must have shape (V, {hidden.shape[-1]}) ({hidden_name}.shape[-1] columns), "
                          f"got {tuple(x.shape)}")
@@ -151,7 +140,7 @@ def _matrix(name, x, hidden, hidden_name):
 def _bias(name, b, weight, weight_name):
     if b is None:
         return None
-    b = _float_tensor(name, b)
+    b = float_tensor(name, b)
     if b.shape != (weight.shape[0],):
         raise ValueError(f"{name} must have shape ({weight.shape[0]},), got {tuple(b.shape)}")
     if b.dtype != weight.dtype:

@@ -1,7 +1,7 @@
 """Teachers beyond one dense row: ensembles of K teachers and offline top-k teachers.
 
-kd_rows validates these arguments (kdkernels.api validated the scalar options)
-and calls the op; kdkernels.api reduces the per-row loss. topk_teacher turns
+kd_rows validates these arguments (the caller validated the scalar options into a
+KDOptions) and calls the op; the caller reduces the per-row loss. topk_teacher turns
 dense teacher logits into the (ids, logprobs) pair that offline pipelines store.
 """
 from __future__ import annotations
@@ -13,24 +13,17 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .api import _check_labels, _float_tensor, _rows
 from .backends import DIVERGENCES, resolve
+from .options import KDOptions, check_labels, check_normalizer_device, float_tensor, rows
 
 __all__ = ["topk_teacher"]
 
 _TOPK_BACKENDS = ("torch", "triton", "cuda")  # backends with a kd_topk_forward
 
 
-def _divergence(opts):
-    divergence, beta = opts["divergence"], opts["beta"]
-    if divergence == "jsd" and beta in (0.0, 1.0):  # the endpoints are plain KL (TRL's convention)
-        divergence = "kl" if beta == 0.0 else "reverse_kl"
-    return DIVERGENCES.index(divergence), beta
-
-
-def kd_rows(student_logits, teacher_logits, labels, teacher_probs, opts, ids, logprobs, weights):
+def kd_rows(student_logits, teacher_logits, labels, teacher_probs, opts: KDOptions, ids, logprobs, weights):
     """Per-row loss [N] and flat labels (or None) for an ensemble or top-k teacher."""
-    s = _float_tensor("student_logits", student_logits)
+    s = float_tensor("student_logits", student_logits)
     if s.shape[-1] == 0:
         raise ValueError("student_logits has an empty vocabulary dimension (V = 0)")
     given = [name for name, v in (("teacher_logits", teacher_logits), ("teacher_probs", teacher_probs),
@@ -44,18 +37,14 @@ def kd_rows(student_logits, teacher_logits, labels, teacher_probs, opts, ids, lo
         raise ValueError("teacher_weights needs teacher_logits to be a list or tuple of tensors (an ensemble)")
     if not topk and teacher_probs is not None:
         raise ValueError("pass exactly one of teacher_logits and teacher_probs (got both)")
-    _check_labels(labels, s, opts)
-    norm = opts["normalizer"]
-    if isinstance(norm, Tensor) and norm.device != s.device and norm.device.type != "cpu":
-        raise ValueError(f"normalizer is on {norm.device} but student_logits is on {s.device}")
-    code, beta = _divergence(opts)
-    T = opts["temperature"]
-    soft_scale = opts["soft_weight"] * (T * T if opts["t_squared"] else 1.0)
+    check_labels(labels, s, opts)
+    check_normalizer_device(opts, s.device)
+    code, beta = opts.kernel_divergence
     y = None if labels is None else labels.reshape(-1).long()
-    common = (T, code, beta, soft_scale, opts["hard_weight"], opts["ignore_index"])
+    common = (opts.temperature, code, beta, opts.soft_scale, opts.hard_weight, opts.ignore_index)
     if topk:
         ids, logprobs = _check_topk(ids, logprobs, s, code)
-        backend = opts["backend"]
+        backend = opts.backend
         if backend != "auto" and backend not in _TOPK_BACKENDS:
             names = ", ".join(repr(b) for b in _TOPK_BACKENDS)
             raise ValueError(f"top-k teachers (teacher_topk_ids) run on backend={names} only, "
@@ -66,13 +55,13 @@ def kd_rows(student_logits, teacher_logits, labels, teacher_probs, opts, ids, lo
         if auto and backend not in _TOPK_BACKENDS:  # a future backend without a top-k kernel
             backend = "torch"  # (today every backend auto resolves to has one: triton, cuda, torch)
         teacher_grad = torch.is_grad_enabled() and logprobs.requires_grad
-        loss, _, _ = ops.kd_topk_fused(_rows(s), _rows(ids).long(), _rows(logprobs), y, *common,
+        loss, _, _ = ops.kd_topk_fused(rows(s), rows(ids).long(), rows(logprobs), y, *common,
                                        teacher_grad, backend)
         return loss, y
     teachers, w = _check_ensemble(teacher_logits, weights, s)
     float64 = any(t.dtype == torch.float64 for t in [s, *teachers])
-    backend = resolve(opts["backend"], s.device, float64=float64)
-    loss, _ = ops.kd_ensemble_fused(_rows(s), [_rows(t) for t in teachers], w, y, *common, backend)
+    backend = resolve(opts.backend, s.device, float64=float64)
+    loss, _ = ops.kd_ensemble_fused(rows(s), [rows(t) for t in teachers], w, y, *common, backend)
     return loss, y
 
 
@@ -82,7 +71,7 @@ def _check_ensemble(teacher_logits, weights, s):
         raise ValueError("teacher_logits is an empty list: an ensemble needs at least one teacher")
     for i, t in enumerate(teachers):
         name = f"teacher_logits[{i}]"
-        _float_tensor(name, t)
+        float_tensor(name, t)
         if t.shape != s.shape:
             raise ValueError(f"{name} and student_logits have different shapes: "
                              f"{tuple(t.shape)} vs {tuple(s.shape)}")
@@ -124,7 +113,7 @@ def _check_topk(ids, logprobs, s, code):
         raise TypeError(f"teacher_topk_ids must be a torch.Tensor, got {type(ids).__name__}")
     if ids.dtype.is_floating_point or ids.is_complex() or ids.dtype == torch.bool:
         raise TypeError(f"teacher_topk_ids must be an integer tensor, got {ids.dtype}")
-    logprobs = _float_tensor("teacher_topk_logprobs", logprobs)
+    logprobs = float_tensor("teacher_topk_logprobs", logprobs)
     V = s.shape[-1]
     if ids.shape != logprobs.shape:
         raise ValueError(f"teacher_topk_ids and teacher_topk_logprobs have different shapes: "
@@ -158,18 +147,18 @@ def topk_teacher(teacher_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     (float64 for float64 input): log_softmax(teacher_logits) over the full vocabulary at T = 1,
     taken at the ids, largest first. Rows are processed in chunks (no (N, V) float32 copy).
     """
-    t = _float_tensor("teacher_logits", teacher_logits)
+    t = float_tensor("teacher_logits", teacher_logits)
     V = t.shape[-1]
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= V:
         raise ValueError(f"k must be an int in [1, {V}] (the vocabulary size), got {k!r}")
     k = int(k)
-    rows = _rows(t)
+    t2 = rows(t)
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-    ids = torch.empty(rows.shape[0], k, dtype=torch.long, device=t.device)
-    logprobs = torch.empty(rows.shape[0], k, dtype=acc, device=t.device)
+    ids = torch.empty(t2.shape[0], k, dtype=torch.long, device=t.device)
+    logprobs = torch.empty(t2.shape[0], k, dtype=acc, device=t.device)
     step = max(1, (1 << 22) // V)
-    for a in range(0, rows.shape[0], step):
-        x = rows[a:a + step].to(acc)
+    for a in range(0, t2.shape[0], step):
+        x = t2[a:a + step].to(acc)
         top = x.topk(k, dim=-1)
         ids[a:a + step] = top.indices
         logprobs[a:a + step] = top.values - torch.logsumexp(x, -1, keepdim=True)

@@ -20,7 +20,7 @@ import os
 import torch
 
 # Divergence codes shared by every backend (kernels take the integer).
-DIVERGENCES = ("kl", "soft_ce", "reverse_kl", "jsd")
+from ..options import DIVERGENCES  # noqa: E402 - the table lives in kdkernels.options
 BACKENDS = ("torch", "triton", "cuda")
 ENV_VAR = "KDKERNELS_BACKEND"
 

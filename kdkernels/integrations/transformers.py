@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 import kdkernels
-from ..api import check_options, kd_loss
+from ..api import kd_loss
+from ..options import check_options
 
 __all__ = ["DistillationTrainer", "shift_labels"]
 
@@ -88,12 +89,13 @@ class DistillationTrainer(Trainer):
                  chunk_size: int | None = None, **kwargs):
         if not isinstance(teacher_model, nn.Module):
             raise TypeError(f"teacher_model must be a torch.nn.Module, got {type(teacher_model).__name__}")
-        self.kd_options = check_options(
+        opts = check_options(
             temperature=temperature, divergence=divergence, beta=beta, soft_weight=soft_weight,
             hard_weight=hard_weight, t_squared=t_squared, ignore_index=IGNORE_INDEX, reduction="mean",
             normalizer=None, backend=backend)
-        del self.kd_options["normalizer"]  # per batch: num_items_in_batch
-        del self.kd_options["inplace"]  # the trainer never writes over the student's logits
+        # kd_loss keyword arguments; not the normalizer (per batch: num_items_in_batch) nor inplace
+        # (the trainer never writes over the student's logits)
+        self.kd_options = {k: getattr(opts, k) for k in opts.__dataclass_fields__ if k not in ("normalizer", "inplace")}
         if use_fused_linear and not hasattr(kdkernels, "fused_linear_kd_loss"):
             raise RuntimeError(f"use_fused_linear=True needs kdkernels.fused_linear_kd_loss, which this kdkernels "
                                f"({kdkernels.__version__}) does not have; use use_fused_linear=False")

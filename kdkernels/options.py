@@ -1,0 +1,216 @@
+"""The bottom layer of the public API: the table of divergences, one immutable options object,
+and the tensor checks every entry point shares.
+
+The public functions (kdkernels.api, teachers, fused_linear, distributed, integrations)
+validate their scalar arguments once, into a KDOptions, and route downward; nothing below
+re-validates. The divergence table feeds the argument check, the reference
+(kdkernels.reference), the torch backend and the kernels' constexpr codes.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+__all__ = ["Divergence", "DIVERGENCE_TABLE", "KDOptions", "check_options"]
+
+ALL_BACKENDS = ("torch", "triton", "cuda")
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """One divergence D(p, q) between teacher p and student q (both tempered)."""
+    name: str
+    code: int                   # the kernels' constexpr (its index in DIVERGENCE_TABLE)
+    param: str | None           # the KDOptions field it reads: "beta", "skew" or None
+    backends: tuple             # backends with a native implementation
+    formula: str                # for docs and error messages
+
+
+DIVERGENCE_TABLE = (
+    Divergence("kl", 0, None, ALL_BACKENDS, "KL(p||q)"),
+    Divergence("soft_ce", 1, None, ALL_BACKENDS, "H(p, q) = -sum p log q"),
+    Divergence("reverse_kl", 2, None, ALL_BACKENDS, "KL(q||p)"),
+    Divergence("jsd", 3, "beta", ALL_BACKENDS, "beta KL(p||m) + (1 - beta) KL(q||m), m = beta p + (1 - beta) q"),
+)
+DIVERGENCES = tuple(d.name for d in DIVERGENCE_TABLE)
+_BY_NAME = {d.name: d for d in DIVERGENCE_TABLE}
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+BACKEND_NAMES = ("auto",) + ALL_BACKENDS
+_INT64 = (-(2 ** 63), 2 ** 63 - 1)
+
+
+def divergence(name: str) -> Divergence:
+    return _BY_NAME[name]
+
+
+@dataclass(frozen=True)
+class KDOptions:
+    """Validated scalar options of a KD loss (see kdkernels.kd_loss for their meaning)."""
+    temperature: float = 1.0
+    divergence: str = "kl"
+    beta: float = 0.5
+    soft_weight: float = 1.0
+    hard_weight: float = 0.0
+    t_squared: bool = True
+    ignore_index: int = -100
+    reduction: str = "mean"
+    normalizer: object = None     # None, a float > 0, or a 0-d tensor
+    backend: str = "auto"
+    inplace: bool = False
+
+    @property
+    def soft_scale(self) -> float:
+        """soft_weight * (T**2 if t_squared else 1): the soft term's factor."""
+        T = self.temperature
+        return self.soft_weight * (T * T if self.t_squared else 1.0)
+
+    @property
+    def kernel_divergence(self) -> tuple[int, float]:
+        """(code, beta) the kernels run: jsd's endpoints are plain KL (TRL's convention):
+        beta = 0 is KL(p||q), beta = 1 is KL(q||p)."""
+        name, beta = self.divergence, self.beta
+        if name == "jsd" and beta in (0.0, 1.0):
+            name = "kl" if beta == 0.0 else "reverse_kl"
+        return _BY_NAME[name].code, beta
+
+    def replace(self, **changes) -> "KDOptions":
+        return replace(self, **changes)
+
+
+def _number(name: str, value, *, positive=False, nonnegative=False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)  # under torch.compile a symbolic float is specialised here
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if nonnegative and not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def check_backend(backend) -> str:
+    if not isinstance(backend, str) or backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKEND_NAMES))}, got {backend!r}")
+    return backend
+
+
+def check_options(*, temperature=1.0, divergence="kl", beta=0.5, soft_weight=1.0, hard_weight=0.0,
+                  t_squared=True, ignore_index=-100, reduction="mean", normalizer=None, backend="auto",
+                  inplace=False) -> KDOptions:
+    """Validate the scalar options shared by every KD entry point; returns them as a KDOptions."""
+    if divergence not in _BY_NAME:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_backend(backend)
+    if not isinstance(t_squared, bool):
+        raise TypeError(f"t_squared must be a bool, got {type(t_squared).__name__}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    if inplace and backend not in ("auto", "triton"):
+        raise ValueError(f"inplace=True needs backend='triton' (the only backend that writes the gradient "
+                         f"over the logits), got backend={backend!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not _INT64[0] <= ignore_index <= _INT64[1]:
+        raise ValueError(f"ignore_index must fit in int64 (labels are int64), got {ignore_index}")
+    beta = _number("beta", beta)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if normalizer is not None:
+        if reduction == "none":
+            raise ValueError("normalizer cannot be combined with reduction='none'")
+        if isinstance(normalizer, Tensor):
+            if normalizer.dim() != 0:
+                raise ValueError(f"normalizer must be a number or a 0-d tensor, got shape {tuple(normalizer.shape)}")
+            if normalizer.dtype == torch.bool or normalizer.is_complex():
+                raise TypeError(f"normalizer must be a real number tensor, got {normalizer.dtype}")
+            if (normalizer.device.type == "cpu" and not torch.compiler.is_compiling()
+                    and not bool(normalizer > 0)):  # a data-dependent branch: eager only
+                raise ValueError(f"normalizer must be > 0, got {normalizer.item()}")
+        else:
+            normalizer = _number("normalizer", normalizer, positive=True)
+    return KDOptions(
+        temperature=_number("temperature", temperature, positive=True), divergence=divergence, beta=beta,
+        soft_weight=_number("soft_weight", soft_weight, nonnegative=True),
+        hard_weight=_number("hard_weight", hard_weight, nonnegative=True), t_squared=t_squared,
+        ignore_index=int(ignore_index), reduction=reduction, normalizer=normalizer, backend=backend,
+        inplace=inplace)
+
+
+# ---- tensor checks shared by the entry points ------------------------------------------------
+
+def float_tensor(name: str, x) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have at least 1 dimension (..., V), got a 0-d tensor")
+    return x
+
+
+def rows(x: Tensor) -> Tensor:
+    """(..., V) -> (N, V) without a copy where the strides allow, last dim contiguous."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[-1] > 1 and x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return x2
+
+
+def check_labels(labels, s: Tensor, opts: KDOptions, name: str = "student_logits"):
+    """labels: None or an integer tensor of shape s.shape[:-1] on s's device. On CPU tensors
+    (where it costs no device sync) out-of-range labels raise; elsewhere they give NaN rows."""
+    V = s.shape[-1]
+    if labels is not None:
+        if not isinstance(labels, Tensor):
+            raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+        if labels.dtype.is_floating_point or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        if labels.shape != s.shape[:-1]:
+            raise ValueError(f"labels must have shape {tuple(s.shape[:-1])} ({name}.shape[:-1]), "
+                             f"got {tuple(labels.shape)}")
+        if labels.device != s.device:
+            raise ValueError(f"labels is on {labels.device} but {name} is on {s.device}")
+        if labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
+            bad = (labels != opts.ignore_index) & ((labels < 0) | (labels >= V))
+            if bool(bad.any()):
+                raise ValueError(f"labels must be in [0, {V}) or ignore_index={opts.ignore_index}, "
+                                 f"got {labels[bad].flatten()[0].item()}")
+    elif opts.hard_weight > 0:
+        raise ValueError("hard_weight > 0 needs labels")
+
+
+def check_normalizer_device(opts: KDOptions, device: torch.device, name: str = "student_logits"):
+    norm = opts.normalizer
+    if isinstance(norm, Tensor) and norm.device != device and norm.device.type != "cpu":
+        raise ValueError(f"normalizer is on {norm.device} but {name} is on {device}")
+
+
+def reduce_rows(loss: Tensor, y: Tensor | None, lead, opts: KDOptions) -> Tensor:
+    """Per-row loss [N] -> the requested reduction (y: flat labels or None)."""
+    if opts.reduction == "none":
+        return loss.view(lead)
+    return reduce_total(loss.sum(), y, loss.numel(), opts)
+
+
+def reduce_total(total: Tensor, y: Tensor | None, n_rows: int, opts: KDOptions) -> Tensor:
+    """A summed loss -> "sum", "mean" (over positions whose label != ignore_index, 0 if none;
+    over all n_rows without labels) or sum / normalizer."""
+    norm = opts.normalizer
+    if norm is not None:
+        return total / (norm.to(device=total.device, dtype=total.dtype) if isinstance(norm, Tensor) else norm)
+    if opts.reduction == "sum":
+        return total
+    if y is None:
+        return total / max(n_rows, 1)
+    count = (y != opts.ignore_index).sum().clamp_(min=1)  # a tensor: no host sync
+    return total / count.to(total.dtype)
