@@ -91,6 +91,9 @@ def _check_tensors(student_logits, teacher_logits, labels, teacher_probs, opts: 
         raise ValueError(f"{t_name} is on {t.device} but student_logits is on {s.device}")
     if s.shape[-1] == 0:
         raise ValueError("student_logits has an empty vocabulary dimension (V = 0)")
+    if (teacher_probs is not None and t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling()
+            and bool((t < 0).any())):  # checked where it costs no device sync; elsewhere such a row is NaN
+        raise ValueError(f"teacher_probs must be >= 0, got {t[t < 0].flatten()[0].item()}")
     check_labels(labels, s, opts)
     check_normalizer_device(opts, s.device)
     return s, t

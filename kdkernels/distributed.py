@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .backends import DIVERGENCES, resolve
+from .ops import begin_backward, scale_grad, scale_in_place
 from .options import check_options, float_tensor, reduce_rows
 from .backends.torch_backend import _mul0
 
@@ -126,10 +127,12 @@ class _VocabParallelKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        begin_backward(ctx)
         grad_s, grad_t = ctx.saved_tensors
+        inplace = scale_in_place(ctx, grad_s)
         scale = grad_loss.unsqueeze(-1)
-        gs = grad_s.mul_(scale) if ctx.needs_input_grad[0] else None
-        gt = grad_t.mul_(scale) if ctx.teacher_grad and ctx.needs_input_grad[1] else None
+        gs = scale_grad(grad_s, scale, inplace) if ctx.needs_input_grad[0] else None
+        gt = scale_grad(grad_t, scale, inplace) if ctx.teacher_grad and ctx.needs_input_grad[1] else None
         return (gs, gt) + (None,) * 11
 
 

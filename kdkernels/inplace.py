@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .backends import module
+from .ops import begin_backward, scale_grad
 
 
 class _KDInPlace(torch.autograd.Function):
@@ -31,9 +32,10 @@ class _KDInPlace(torch.autograd.Function):
         if ctx.grad_s is None:
             raise RuntimeError("kd_loss(inplace=True): backward can run once per forward "
                                "(the gradient was written over the logits and has been consumed)")
+        begin_backward(ctx)  # raises for double backward (create_graph=True)
         scale = grad_loss.unsqueeze(-1)
-        gs = ctx.grad_s.mul_(scale) if ctx.needs_input_grad[0] else None
-        gt = ctx.grad_t.mul_(scale) if ctx.teacher_grad and ctx.needs_input_grad[1] else None
+        gs = scale_grad(ctx.grad_s, scale, True) if ctx.needs_input_grad[0] else None
+        gt = scale_grad(ctx.grad_t, scale, True) if ctx.teacher_grad and ctx.needs_input_grad[1] else None
         ctx.grad_s = ctx.grad_t = None
         return gs, gt, None, None
 

@@ -6,11 +6,15 @@ the torch, Triton and CUDA implementations alike.
 
 kd_fused computes the per-row loss *and* the gradients in one forward call.
 Its backward only scales the saved gradient by the incoming per-row gradient,
-in place (no new (N, V) tensor, no host synchronisation). Because the saved
-gradient is consumed, a second backward through the same graph
-(retain_graph=True) raises PyTorch's "modified by an inplace operation"
-error instead of returning a wrong gradient. float64 inputs keep the saved
-gradient intact, so gradcheck and repeated backward passes work there.
+in place (no new (N, V) tensor, no host synchronisation; on the CPU a
+half-precision gradient is scaled a chunk of rows at a time, since a mixed-dtype
+in-place multiply there goes through full-size float32 temporaries). Because the
+saved gradient is consumed, a second backward through the same graph
+(retain_graph=True) raises an error that says so, instead of returning a wrong
+gradient; float64 inputs keep the saved gradient intact, so gradcheck and
+repeated backward passes work there. Double backward (create_graph=True,
+hessians) is not supported: it raises instead of returning a gradient without
+a graph (which would make a Hessian silently zero).
 """
 from __future__ import annotations
 
@@ -73,25 +77,71 @@ def _eager(t: Tensor) -> bool:
     output; the compiler reuses buffers itself), and not for float64, the exactness path
     that gradcheck and torch.autograd.functional drive with repeated backward passes.
     """
-    return (type(t) is torch.Tensor and t.dtype != torch.float64 and not torch.compiler.is_compiling()
-            and not any(torch._C._get_dispatch_mode(k) is not None for k in _TRACING_MODES))
+    return (type(t) is torch.Tensor and t.dtype != torch.float64 and not _tracing())
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or any(torch._C._get_dispatch_mode(k) is not None for k in _TRACING_MODES)
 
 
 # The dispatch modes that mean "being traced" (make_fx, AOTAutograd, fake tensors).
 _TRACING_MODES = tuple(torch._C._TorchDispatchModeKey.__members__.values())
 
+# Rows per in-place scaling step on the CPU (about 1 MiB of float32 temporaries).
+_SCALE_CHUNK_ELEMS = 1 << 18
+
+
+def scale_grad(g: Tensor, scale: Tensor, inplace: bool) -> Tensor:
+    """g * scale in g's dtype, with the arithmetic in scale's (float32/64) precision: g [N, ...]
+    a saved gradient, scale [N, 1] per-row or 0-d. grad_output is never rounded to g's dtype
+    (a 0-d scale is viewed with g's number of dimensions, so that type promotion computes in
+    its precision). In place when `inplace`; on the CPU a mixed-dtype in-place multiply makes
+    full-size float32 temporaries, so it runs a chunk of rows at a time there."""
+    if scale.dim() == 0:
+        scale = scale.view((1,) * g.dim())
+    if not inplace:
+        return torch.mul(g, scale).to(g.dtype)
+    if g.device.type != "cpu" or g.dtype == scale.dtype or g.dim() == 0 or g.shape[0] <= 1:
+        return g.mul_(scale)
+    step = max(1, _SCALE_CHUNK_ELEMS // max(1, g[0].numel()))
+    per_row = scale.shape[0] != 1
+    for a in range(0, g.shape[0], step):
+        g[a:a + step].mul_(scale[a:a + step] if per_row else scale)
+    return g
+
+
+_SECOND_BACKWARD = ("kdkernels: this loss was already backpropagated; its saved gradient was scaled in place "
+                    "by that backward (to keep memory at one gradient), so a second backward through the same "
+                    "graph (retain_graph=True) cannot be served. Recompute the loss, or use float64 inputs "
+                    "(their saved gradient is kept).")
+_DOUBLE_BACKWARD = ("kdkernels: double backward (create_graph=True, torch.autograd.functional.hessian, "
+                    "gradgradcheck) is not supported: the gradient is computed in the forward pass and has no "
+                    "graph of its own. Use kdkernels.reference (plain float64 PyTorch) for higher-order derivatives.")
+
+
+def begin_backward(ctx) -> None:
+    """Checks before a backward that scales saved gradients (before they are unpacked)."""
+    if not _tracing() and torch.is_grad_enabled():
+        raise RuntimeError(_DOUBLE_BACKWARD)
+    if getattr(ctx, "consumed", False):
+        raise RuntimeError(_SECOND_BACKWARD)
+
+
+def scale_in_place(ctx, saved: Tensor) -> bool:
+    """Whether this backward scales the saved gradients in place (then a second one is refused)."""
+    ctx.consumed = _eager(saved)
+    return ctx.consumed
+
 
 def _kd_backward(ctx, grad_loss, _grad_gs, _grad_gt):
-    grad_s, grad_t = ctx.saved_tensors
     if grad_loss is None:  # the loss was not used (grads are not materialised)
         return (None,) * 12
+    begin_backward(ctx)
+    grad_s, grad_t = ctx.saved_tensors
+    inplace = scale_in_place(ctx, grad_s)
     scale = grad_loss.unsqueeze(-1)
-    # Eager: scale in place, so backward allocates nothing (N, V). Traced (torch.compile,
-    # opcheck): out of place, since a traced graph may not mutate a saved forward output;
-    # the compiler is free to reuse the buffer.
-    mul = torch.Tensor.mul_ if _eager(grad_s) else torch.mul
-    gs = mul(grad_s, scale) if ctx.needs_input_grad[0] else None
-    gt = mul(grad_t, scale) if ctx.teacher_grad and ctx.needs_input_grad[1] else None
+    gs = scale_grad(grad_s, scale, inplace) if ctx.needs_input_grad[0] else None
+    gt = scale_grad(grad_t, scale, inplace) if ctx.teacher_grad and ctx.needs_input_grad[1] else None
     return (gs, gt) + (None,) * 10
 
 
@@ -127,6 +177,7 @@ def _sm_setup_context(ctx, inputs, output):
 
 
 def _sm_backward(ctx, grad_y):
+    begin_backward(ctx)  # never consumed: the saved output is only read
     (y,) = ctx.saved_tensors
     return tempered_softmax_backward_op(y, grad_y.contiguous(), ctx.temperature, ctx.log, ctx.backend), None, None, None
 
@@ -173,12 +224,16 @@ def _ens_setup_context(ctx, inputs, output):
     ctx.n_teachers = len(inputs[1])
     ctx.save_for_backward(output[1])
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no (N, V) zeros for the gradient output's unused grad
 
 
 def _ens_backward(ctx, grad_loss, _grad_gs):
+    if grad_loss is None:
+        return (None, [None] * ctx.n_teachers) + (None,) * 9
+    begin_backward(ctx)
     (grad_s,) = ctx.saved_tensors
-    mul = torch.Tensor.mul_ if _eager(grad_s) else torch.mul
-    gs = mul(grad_s, grad_loss.unsqueeze(-1)) if ctx.needs_input_grad[0] else None
+    inplace = scale_in_place(ctx, grad_s)
+    gs = scale_grad(grad_s, grad_loss.unsqueeze(-1), inplace) if ctx.needs_input_grad[0] else None
     return (gs, [None] * ctx.n_teachers) + (None,) * 9
 
 
@@ -216,13 +271,14 @@ def _(student, ids, logprobs, labels, temperature, divergence, beta, soft_scale,
 
 
 def _topk_backward(ctx, grad_loss, _grad_gs, _grad_gt):
-    grad_s, grad_t = ctx.saved_tensors
     if grad_loss is None:  # the loss was not used (_kd_setup_context does not materialise grads)
         return (None,) * 12
+    begin_backward(ctx)
+    grad_s, grad_t = ctx.saved_tensors
+    inplace = scale_in_place(ctx, grad_s)
     scale = grad_loss.unsqueeze(-1)
-    mul = torch.Tensor.mul_ if _eager(grad_s) else torch.mul
-    gs = mul(grad_s, scale) if ctx.needs_input_grad[0] else None
-    gt = mul(grad_t, scale) if ctx.teacher_grad and ctx.needs_input_grad[2] else None
+    gs = scale_grad(grad_s, scale, inplace) if ctx.needs_input_grad[0] else None
+    gt = scale_grad(grad_t, scale, inplace) if ctx.teacher_grad and ctx.needs_input_grad[2] else None
     return (gs, None, gt) + (None,) * 9
 
 
@@ -270,15 +326,19 @@ def _(hidden, weight, bias, t_hidden, t_weight, t_bias, labels, temperature, div
 def _fl_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*output[1:])
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zeros of the gradient outputs' (weight-sized) unused grads
 
 
 def _fl_backward(ctx, grad_total, _gh, _gw, _gb):
+    if grad_total is None:
+        return (None,) * 16
+    begin_backward(ctx)
     grad_h, grad_w, grad_b = ctx.saved_tensors
-    mul = torch.Tensor.mul_ if _eager(grad_h) else torch.mul
+    inplace = scale_in_place(ctx, grad_h)
     need = ctx.needs_input_grad
-    gh = mul(grad_h, grad_total) if need[0] else None
-    gw = mul(grad_w, grad_total) if need[1] else None
-    gb = mul(grad_b, grad_total) if need[2] else None
+    gh = scale_grad(grad_h, grad_total, inplace) if need[0] else None
+    gw = scale_grad(grad_w, grad_total, inplace) if need[1] else None
+    gb = scale_grad(grad_b, grad_total, inplace) if need[2] else None
     return (gh, gw, gb) + (None,) * 13
 
 

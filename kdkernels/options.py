@@ -86,8 +86,11 @@ class KDOptions:
 def _number(name: str, value, *, positive=False, nonnegative=False) -> float:
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)  # under torch.compile a symbolic float is specialised here
-    if not math.isfinite(value):
+    if not isinstance(value, (torch.SymFloat, torch.SymInt)):
+        value = float(value)
+    # comparisons rather than math.isfinite: under torch.compile(dynamic=True) a float argument is
+    # symbolic, and a comparison becomes a guard where math.isfinite would break the graph
+    if not -math.inf < value < math.inf:
         raise ValueError(f"{name} must be finite, got {value}")
     if positive and not value > 0:
         raise ValueError(f"{name} must be > 0, got {value}")
@@ -149,13 +152,28 @@ def check_options(*, temperature=1.0, divergence="kl", beta=0.5, soft_weight=1.0
 # ---- tensor checks shared by the entry points ------------------------------------------------
 
 def float_tensor(name: str, x) -> Tensor:
+    """x, checked: a float tensor of at least 1 dimension, not under a torch.func autodiff transform."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if x.dim() < 1:
         raise ValueError(f"{name} must have at least 1 dimension (..., V), got a 0-d tensor")
+    if not torch.compiler.is_compiling() and _under_functorch_autodiff(x):
+        raise RuntimeError(
+            f"kdkernels does not support torch.func autodiff transforms (grad, vjp, jacrev, jacfwd, jvp, "
+            f"hessian) or forward-mode AD ({name} is such a transform's tensor): its ops compute the gradient in "
+            f"the forward pass and scale it in backward. Use loss.backward() / torch.autograd.grad, or "
+            f"kdkernels.reference (plain float64 PyTorch, which torch.func can transform). torch.func.vmap "
+            f"of the forward alone works.")
     return x
+
+
+def _under_functorch_autodiff(x: Tensor) -> bool:
+    functorch = getattr(torch._C, "_functorch", None)
+    if functorch is not None and getattr(functorch, "is_gradtrackingtensor", lambda _: False)(x):
+        return True
+    return torch.autograd.forward_ad.unpack_dual(x).tangent is not None
 
 
 def rows(x: Tensor) -> Tensor:

@@ -49,6 +49,10 @@ def why_unavailable(name: str, device: torch.device) -> str | None:
 
 def resolve(backend: str, device: torch.device, *, float64: bool = False) -> str:
     """Turn the user's backend argument into a backend that can run, or raise saying why."""
+    return _resolve(backend, str(torch.device(device)), bool(float64))
+
+
+def _resolve(backend: str, device: str, float64: bool) -> str:
     device = torch.device(device)
     if backend == "auto":
         backend = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
@@ -69,3 +73,10 @@ def resolve(backend: str, device: torch.device, *, float64: bool = False) -> str
     if float64 and backend != "torch":
         raise TypeError(f"float64 inputs run only on backend='torch', not backend={backend!r}")
     return backend
+
+
+# torch.compile takes _resolve's answer as a constant (it imports modules, which Dynamo cannot trace).
+# This is what torch.compiler.assume_constant_result does; calling that here would import
+# torch._dynamo, and with it Triton, whenever kdkernels is imported (a second of import time, and
+# too early for TRITON_INTERPRET=1 set afterwards). tests/test_reliability.py compiles through it.
+_resolve._dynamo_marked_constant = True
