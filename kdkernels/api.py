@@ -22,6 +22,7 @@ def kd_loss(
     temperature: float = 1.0,
     divergence: str = "kl",
     beta: float = 0.5,
+    skew: float = 0.1,
     soft_weight: float = 1.0,
     hard_weight: float = 0.0,
     t_squared: bool = True,
@@ -31,6 +32,8 @@ def kd_loss(
     backend: str = "auto",
     teacher_topk_ids: Tensor | None = None,
     teacher_topk_logprobs: Tensor | None = None,
+    teacher_topk_mode: str = "full",
+    teacher_topk_temperature: float = 1.0,
     teacher_weights=None,
     inplace: bool = False,
 ) -> Tensor:
@@ -44,34 +47,42 @@ def kd_loss(
 
         loss = soft_weight * (T**2 if t_squared else 1) * D(p, q) + hard_weight * CE(s, label)
 
-    D is "kl" KL(p||q), "soft_ce" H(p, q), "reverse_kl" KL(q||p) or "jsd" (beta KL(p||m) +
-    (1 - beta) KL(q||m), m = beta p + (1 - beta) q; beta 0 -> KL(p||q), 1 -> KL(q||p)).
-    Positions whose label == ignore_index count 0. reduction: "mean" (sum / number of
-    counted positions; 0 if none), "sum", "none" (shape ``student_logits.shape[:-1]``);
-    ``normalizer`` replaces the denominator. Returns float32 (float64 for float64 inputs).
-    Gradients reach student_logits and, when they require grad, teacher_logits / teacher_probs.
+    D (``divergence``): "kl" KL(p||q), "soft_ce" H(p, q), "reverse_kl" KL(q||p), "jsd"
+    (beta KL(p||m) + (1 - beta) KL(q||m), m = beta p + (1 - beta) q; beta 0 -> KL(p||q), 1 ->
+    KL(q||p)), "tvd" (0.5 sum |p - q|), "skew_kl" KL(p || a p + (1 - a) q) and
+    "skew_reverse_kl" KL(q || a q + (1 - a) p) with a = ``skew`` in [0, 1), "symmetric_kl"
+    ((1 - beta) KL(p||q) + beta KL(q||p)). Positions whose label == ignore_index count 0.
+    reduction: "mean" (sum / number of counted positions; 0 if none), "sum", "none" (shape
+    ``student_logits.shape[:-1]``); ``normalizer`` replaces the denominator. Returns float32
+    (float64 if any input is float64). Gradients reach student_logits and, when they require
+    grad, teacher_logits / teacher_probs. A divergence runs natively on the backends
+    kdkernels.options.DIVERGENCE_TABLE lists; "auto" picks among them, an explicit other backend
+    is a ValueError that names them.
 
-    Other teachers (see docs/scale.md; torch backend math, float64 references in
-    kdkernels.reference):
+    Other teachers (docs/scale.md, docs/teachers.md; float64 references in kdkernels.reference):
 
     - ensemble: ``teacher_logits`` a list/tuple of K tensors (..., V), ``teacher_weights`` K
       non-negative numbers (default uniform, normalised to sum 1); p = sum_k w_k softmax(t_k / T).
-      Any backend. The teachers get no gradient (a teacher that requires grad is an error).
-    - offline top-k: ``teacher_topk_ids`` (..., k) integer ids (distinct per row) and
-      ``teacher_topk_logprobs`` (..., k) float log-probabilities (e.g. from
-      :func:`kdkernels.topk_teacher`); p_i = softmax(logprobs / T)_i on the k ids, 0 elsewhere.
-      divergence "kl", "soft_ce" or "jsd" with beta < 1; "reverse_kl" (and jsd with beta = 1) is
-      a ValueError, since KL(q||p) is infinite wherever q has mass outside the k ids. Backends
-      "torch", "triton" and "cuda" ("auto" picks as for one teacher). Gradients reach
-      teacher_topk_logprobs when it requires grad.
+      The teachers get no gradient (a teacher that requires grad is an error).
+    - sparse (top-k) teacher, served or offline: ``teacher_topk_ids`` (..., k) integer ids and
+      ``teacher_topk_logprobs`` (..., k) log-probabilities produced at temperature
+      ``teacher_topk_temperature``; a logprob of -inf marks an absent entry (its id is never
+      read). ``teacher_topk_mode``: "full" (teacher renormalised over its present entries,
+      student over the whole vocabulary; divergences that are infinite there, reverse_kl,
+      symmetric_kl, jsd with beta = 1, are a ValueError), "renormalized" (both renormalised
+      over the present ids) or "tail" (k + 1 bins: the given probabilities and the student's
+      full-softmax probabilities at the ids, plus each side's remaining mass; needs
+      teacher_topk_temperature == temperature). Gradients reach teacher_topk_logprobs when it
+      requires grad.
 
     inplace=True (Triton backend, eager only): the gradient is written over student_logits'
     storage instead of a new (N, V) buffer; the logits' values are consumed (kdkernels.inplace).
     """
-    opts = check_options(temperature=temperature, divergence=divergence, beta=beta,
+    opts = check_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
                          soft_weight=soft_weight, hard_weight=hard_weight, t_squared=t_squared,
                          ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
-                         backend=backend, inplace=inplace)
+                         backend=backend, inplace=inplace, teacher_topk_mode=teacher_topk_mode,
+                         teacher_topk_temperature=teacher_topk_temperature)
     return _kd_loss(student_logits, teacher_logits, labels, teacher_probs, opts,
                     teacher_topk_ids, teacher_topk_logprobs, teacher_weights)
 
@@ -111,7 +122,8 @@ def _kd_loss(student_logits, teacher_logits, labels, teacher_probs, opts: KDOpti
         return reduce_rows(loss, y, student_logits.shape[:-1], opts)
     s, t = _check_tensors(student_logits, teacher_logits, labels, teacher_probs, opts)
     float64 = torch.float64 in (s.dtype, t.dtype)
-    backend = resolve(opts.backend, s.device, float64=float64)
+    backend = resolve(opts.backend, s.device, float64=float64, feature=opts.divergence_feature,
+                      native=opts.kernel_divergence_info.backends)
     code, beta = opts.kernel_divergence
     T = opts.temperature
     lead = s.shape[:-1]
@@ -143,14 +155,16 @@ class KDLoss(nn.Module):
             teacher_topk_ids=None, teacher_topk_logprobs=None, teacher_weights=None)
     """
 
-    def __init__(self, *, temperature=1.0, divergence="kl", beta=0.5, soft_weight=1.0,
+    def __init__(self, *, temperature=1.0, divergence="kl", beta=0.5, skew=0.1, soft_weight=1.0,
                  hard_weight=0.0, t_squared=True, ignore_index=-100, reduction="mean",
-                 normalizer=None, backend="auto", inplace=False):
+                 normalizer=None, backend="auto", inplace=False, teacher_topk_mode="full",
+                 teacher_topk_temperature=1.0):
         super().__init__()
         self.options = check_options(
-            temperature=temperature, divergence=divergence, beta=beta, soft_weight=soft_weight,
+            temperature=temperature, divergence=divergence, beta=beta, skew=skew, soft_weight=soft_weight,
             hard_weight=hard_weight, t_squared=t_squared, ignore_index=ignore_index,
-            reduction=reduction, normalizer=normalizer, backend=backend, inplace=inplace)
+            reduction=reduction, normalizer=normalizer, backend=backend, inplace=inplace,
+            teacher_topk_mode=teacher_topk_mode, teacher_topk_temperature=teacher_topk_temperature)
 
     def forward(self, student_logits, teacher_logits=None, labels=None, *, teacher_probs=None,
                 teacher_topk_ids=None, teacher_topk_logprobs=None, teacher_weights=None):

@@ -24,10 +24,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .backends import DIVERGENCES, resolve
+from .backends import resolve
 from .ops import begin_backward, scale_grad, scale_in_place
 from .options import check_options, float_tensor, reduce_rows
-from .backends.torch_backend import _mul0
+from .backends import torch_math as M
 
 __all__ = ["vocab_parallel_kd_loss"]
 
@@ -44,6 +44,7 @@ def vocab_parallel_kd_loss(
     temperature: float = 1.0,
     divergence: str = "kl",
     beta: float = 0.5,
+    skew: float = 0.1,
     soft_weight: float = 1.0,
     hard_weight: float = 0.0,
     t_squared: bool = True,
@@ -67,7 +68,7 @@ def vocab_parallel_kd_loss(
     statistics exchanged between launches); "torch" is chunked PyTorch on any device; "auto"
     (default) is Triton on CUDA tensors when it is available, else torch. float64 runs on torch.
     """
-    opts = check_options(temperature=temperature, divergence=divergence, beta=beta,
+    opts = check_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
                          soft_weight=soft_weight, hard_weight=hard_weight, t_squared=t_squared,
                          ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
                          backend=backend)
@@ -97,9 +98,9 @@ def vocab_parallel_kd_loss(
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("vocab_parallel_kd_loss needs torch.distributed initialised (init_process_group)")
     float64 = torch.float64 in (s.dtype, t.dtype)
-    backend = resolve(opts.backend, s.device, float64=float64)
-    if backend == "cuda":  # "auto" preferred the CUDA C++ backend: it has no sharded kernel
-        backend = "torch"
+    native = tuple(b for b in opts.kernel_divergence_info.backends if b != "cuda")  # no sharded CUDA kernel
+    backend = resolve(opts.backend, s.device, float64=float64, feature=f"vocab-parallel {opts.divergence_feature}",
+                      native=native)
     code, beta = opts.kernel_divergence
     T, soft_scale = opts.temperature, opts.soft_scale
     y = None if labels is None else labels.reshape(-1).long()
@@ -170,92 +171,85 @@ def _chunks(N, V):
 
 
 def _forward(s, t, y, start, group, T, code, beta, soft_scale, hard_weight, ignore_index, teacher_grad):
+    """The torch path: kdkernels.backends.torch_math on each shard, with the row statistics and the
+    divergence's partial sums all-reduced. Every rank uses the cancellation-free forms of the
+    divergence (their terms, unlike the plain sums', add up across shards to the same total)."""
     N, V = s.shape
     acc = torch.float64 if torch.float64 in (s.dtype, t.dtype) else torch.float32
     dev = s.device
     inv_t = 1.0 / T
     hard = y is not None and hard_weight != 0
-    name = DIVERGENCES[code]
-    # 1. row maxima (max(x / T) = max(x) / T for T > 0) and the vocabulary's end
-    mx = torch.empty(3 * N + 1, dtype=acc, device=dev)
-    mx[:N] = s.amax(-1).to(acc) * inv_t
-    mx[N:2 * N] = t.amax(-1).to(acc) * inv_t
-    mx[2 * N:3 * N] = s.amax(-1).to(acc) if hard else 0.0
-    mx[3 * N] = start + V
+    # 1. raw row maxima (max(x / T) = max(x) / T for T > 0) and the vocabulary's end
+    mx = torch.empty(2 * N + 1, dtype=acc, device=dev)
+    mx[:N] = s.amax(-1).to(acc)
+    mx[N:2 * N] = t.amax(-1).to(acc)
+    mx[2 * N] = start + V
     dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
-    m_s, m_t, m_h, v_end = mx[:N, None], mx[N:2 * N, None], mx[2 * N:3 * N, None], mx[3 * N]
+    m_s, m_t, v_end = mx[:N, None], mx[N:2 * N, None], mx[2 * N]
     if y is not None:
         ignored = y == ignore_index
         local = (y >= start) & (y < start + V)
         y_loc = torch.where(local, y - start, 0).unsqueeze(-1)
-    # 2. sums of exponentials and the label's logit
+
+    def centred(a, b):  # z = (x - max) / T of rows [a, b), and exp z, for both sides
+        zs = (s[a:b].to(acc) - m_s[a:b]).mul_(inv_t)
+        zt = (t[a:b].to(acc) - m_t[a:b]).mul_(inv_t)
+        return zs, zt
+
+    # 2. sums of exp z (and of exp(s - max) for the hard term), and the label's centred logit
     sums = torch.zeros(N, 4, dtype=acc, device=dev)
     for a, b in _chunks(N, V):
-        sa = s[a:b].to(acc)
-        sums[a:b, 0] = (sa * inv_t - m_s[a:b]).exp_().sum(-1)
-        sums[a:b, 1] = (t[a:b].to(acc) * inv_t - m_t[a:b]).exp_().sum(-1)
+        zs, zt = centred(a, b)
+        sums[a:b, 0] = zs.exp().sum(-1)
+        sums[a:b, 1] = zt.exp().sum(-1)
         if hard:
-            sums[a:b, 2] = (sa - m_h[a:b]).exp_().sum(-1)
-            sums[a:b, 3] = torch.where(local[a:b], sa.gather(-1, y_loc[a:b]).squeeze(-1), 0.0)
+            sh = s[a:b].to(acc) - m_s[a:b]
+            sums[a:b, 2] = sh.exp().sum(-1)
+            sums[a:b, 3] = torch.where(local[a:b], sh.gather(-1, y_loc[a:b]).squeeze(-1), 0.0)
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-    lse_s, lse_t = m_s + sums[:, :1].log(), m_t + sums[:, 1:2].log()
-    lse_h = m_h + sums[:, 2:3].log()
+    log_ds, log_dt, log_dh = sums[:, :1].log(), sums[:, 1:2].log(), sums[:, 2:3].log()
 
-    def stats(a, b):  # tempered log-probabilities and probabilities of rows [a, b)
-        log_q = s[a:b].to(acc) * inv_t - lse_s[a:b]
-        log_p = t[a:b].to(acc) * inv_t - lse_t[a:b]
-        return log_q, log_q.exp(), log_p, log_p.exp()
+    def stats(a, b):  # (p, lq, q, u) of rows [a, b) with the global statistics
+        zs, zt = centred(a, b)
+        lq = zs - log_ds[a:b]
+        lp = zt - log_dt[a:b]
+        return lp.exp(), lq, lq.exp(), lp - lq
 
-    def log_m(log_p, log_q):
-        return torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-
-    # 3. partial divergence sums
-    part = torch.zeros(N, 2, dtype=acc, device=dev)
+    # 3. partial divergence (cancellation-free terms) and gradient sums G_s, G_t
+    part = torch.zeros(N, 3, dtype=acc, device=dev)
     for a, b in _chunks(N, V):
-        log_q, q, log_p, p = stats(a, b)
-        if name == "kl":
-            part[a:b, 0] = _mul0(p, log_p - log_q).sum(-1)
-        elif name == "soft_ce":
-            part[a:b, 0] = -_mul0(p, log_q).sum(-1)
-        elif name == "reverse_kl":
-            part[a:b, 0] = _mul0(q, log_q - log_p).sum(-1)
-        else:
-            lm = log_m(log_p, log_q)
-            part[a:b, 0] = _mul0(p, log_p - lm).sum(-1)
-            part[a:b, 1] = _mul0(q, log_q - lm).sum(-1)
+        p, lq, q, u = stats(a, b)
+        _, (_, r_s), (_, r_t) = M.terms(code, beta, p, lq, q, u)
+        part[a:b, :1] = M.accurate_divergence(code, beta, p, lq, q, u)
+        part[a:b, 1:2] = M.row_sum(q, r_s)
+        if teacher_grad:
+            part[a:b, 2:3] = M.row_sum(p, r_t)
     dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
-    D = beta * part[:, :1] + (1 - beta) * part[:, 1:] if name == "jsd" else part[:, :1]
+    D = part[:, :1]
     # 4. gradients with the global statistics
     g_scale = soft_scale * inv_t
     grad_s = torch.empty(s.shape, dtype=s.dtype, device=dev)
     grad_t = torch.empty(t.shape if teacher_grad else (0,), dtype=t.dtype, device=dev)
     for a, b in _chunks(N, V):
-        log_q, q, log_p, p = stats(a, b)
-        Da = D[a:b]
-        if name in ("kl", "soft_ce"):
-            dS = q - p
-            dT = _mul0(p, log_p - log_q - Da) if name == "kl" else -_mul0(p, log_q + Da)
-        elif name == "reverse_kl":
-            dS, dT = _mul0(q, log_q - log_p - Da), p - q
-        else:
-            lm = log_m(log_p, log_q)
-            dS = (1 - beta) * _mul0(q, log_q - lm - part[a:b, 1:])
-            dT = beta * _mul0(p, log_p - lm - part[a:b, :1])
-        dS.mul_(g_scale)
+        p, lq, q, u = stats(a, b)
+        _, (c_s, r_s), (c_t, r_t) = M.terms(code, beta, p, lq, q, u)
+        dS = M.grad(q, p, c_s, r_s, part[a:b, 1:2]).mul_(g_scale)
         if y is not None:
             if hard:
-                dS.add_((s[a:b].to(acc) - lse_h[a:b]).exp_(), alpha=hard_weight)
+                dS.add_((s[a:b].to(acc) - m_s[a:b] - log_dh[a:b]).exp_(), alpha=hard_weight)
                 hit = torch.where(local[a:b], -hard_weight, 0.0).to(acc).unsqueeze(-1)
                 dS.scatter_add_(-1, y_loc[a:b], hit)
             dS.masked_fill_(ignored[a:b, None], 0.0)
-            dT.masked_fill_(ignored[a:b, None], 0.0)
         grad_s[a:b] = dS
         if teacher_grad:
-            grad_t[a:b] = dT.mul_(g_scale)
+            dT = M.grad(p, q, c_t, r_t, part[a:b, 2:3]).mul_(g_scale)
+            if y is not None:
+                dT.masked_fill_(ignored[a:b, None], 0.0)
+            grad_t[a:b] = dT
     loss = soft_scale * D.squeeze(-1)
     if y is not None:
         if hard:
-            loss = loss + hard_weight * (lse_h.squeeze(-1) - sums[:, 3])
+            loss = loss + hard_weight * (log_dh.squeeze(-1) - sums[:, 3])
         # A label outside [0, V) belongs to no rank: its row is NaN, as on a single device.
         bad = _bad_labels(y, v_end, ignore_index)
         loss = loss.masked_fill(bad, math.nan).masked_fill(ignored, 0.0)

@@ -57,6 +57,7 @@ def fused_linear_kd_loss(
     temperature: float = 1.0,
     divergence: str = "kl",
     beta: float = 0.5,
+    skew: float = 0.1,
     soft_weight: float = 1.0,
     hard_weight: float = 0.0,
     t_squared: bool = True,
@@ -82,7 +83,7 @@ def fused_linear_kd_loss(
     "sum" ("none" is not available: the weight gradient is summed over positions in forward).
     Returns a 0-d float32 tensor (float64 for float64 inputs).
     """
-    opts = check_options(temperature=temperature, divergence=divergence, beta=beta,
+    opts = check_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
                          soft_weight=soft_weight, hard_weight=hard_weight, t_squared=t_squared,
                          ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
                          backend=backend)
@@ -115,7 +116,8 @@ def fused_linear_kd_loss(
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     float64 = torch.float64 in (h.dtype, th.dtype)
-    backend = resolve(opts.backend, h.device, float64=float64)
+    backend = resolve(opts.backend, h.device, float64=float64, feature=opts.divergence_feature,
+                      native=opts.kernel_divergence_info.backends)
     code, beta = opts.kernel_divergence
     y = None if labels is None else labels.reshape(-1).long()
     needs = [x is not None and x.requires_grad for x in (h, w, b)]

@@ -253,18 +253,21 @@ def kd_topk_fused(
     hard_weight: float,
     ignore_index: int,
     teacher_grad: bool,
+    mode: int,                  # index into kdkernels.teachers.TOPK_MODES: full, renormalized, tail
+    teacher_temperature: float,  # the temperature the logprobs were produced at
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row loss [N], d loss_row / d student [N, V], d loss_row / d logprobs [N, k] (or [0])."""
+    """Per-row loss [N], d loss_row / d student [N, V], d loss_row / d logprobs [N, k] (or [0]).
+    A logprob of -inf marks an absent entry (its id is never read)."""
     return module(backend).kd_topk_forward(
         student, ids, logprobs, labels, temperature=temperature, divergence=divergence, beta=beta,
         soft_scale=soft_scale, hard_weight=hard_weight, ignore_index=ignore_index,
-        teacher_grad=teacher_grad)
+        teacher_grad=teacher_grad, mode=mode, teacher_temperature=teacher_temperature)
 
 
 @kd_topk_fused.register_fake
 def _(student, ids, logprobs, labels, temperature, divergence, beta, soft_scale, hard_weight,
-      ignore_index, teacher_grad, backend):
+      ignore_index, teacher_grad, mode, teacher_temperature, backend):
     loss = student.new_empty((student.shape[0],), dtype=_loss_dtype(student, logprobs))
     grad_t = logprobs.new_empty(logprobs.shape if teacher_grad else (0,))
     return loss, torch.empty_like(student, memory_format=torch.contiguous_format), grad_t
@@ -272,14 +275,14 @@ def _(student, ids, logprobs, labels, temperature, divergence, beta, soft_scale,
 
 def _topk_backward(ctx, grad_loss, _grad_gs, _grad_gt):
     if grad_loss is None:  # the loss was not used (_kd_setup_context does not materialise grads)
-        return (None,) * 12
+        return (None,) * 14
     begin_backward(ctx)
     grad_s, grad_t = ctx.saved_tensors
     inplace = scale_in_place(ctx, grad_s)
     scale = grad_loss.unsqueeze(-1)
     gs = scale_grad(grad_s, scale, inplace) if ctx.needs_input_grad[0] else None
     gt = scale_grad(grad_t, scale, inplace) if ctx.teacher_grad and ctx.needs_input_grad[2] else None
-    return (gs, None, gt) + (None,) * 9
+    return (gs, None, gt) + (None,) * 11
 
 
 torch.library.register_autograd("kdkernels::kd_topk_fused", _topk_backward, setup_context=_kd_setup_context)

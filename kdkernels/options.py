@@ -28,14 +28,27 @@ class Divergence:
     param: str | None           # the KDOptions field it reads: "beta", "skew" or None
     backends: tuple             # backends with a native implementation
     formula: str                # for docs and error messages
+    # finite where the teacher has no mass and the student has some (zero teacher probabilities,
+    # -inf teacher logits, a top-k teacher in "full" mode); endpoints of jsd/skew run as kl/reverse_kl
+    finite_off_support: bool = True
 
 
 DIVERGENCE_TABLE = (
     Divergence("kl", 0, None, ALL_BACKENDS, "KL(p||q)"),
     Divergence("soft_ce", 1, None, ALL_BACKENDS, "H(p, q) = -sum p log q"),
-    Divergence("reverse_kl", 2, None, ALL_BACKENDS, "KL(q||p)"),
+    Divergence("reverse_kl", 2, None, ALL_BACKENDS, "KL(q||p)", finite_off_support=False),
     Divergence("jsd", 3, "beta", ALL_BACKENDS, "beta KL(p||m) + (1 - beta) KL(q||m), m = beta p + (1 - beta) q"),
+    Divergence("tvd", 4, None, ("torch",), "0.5 sum |p - q|"),
+    Divergence("skew_kl", 5, "skew", ("torch",), "KL(p || a p + (1 - a) q), a = skew"),
+    Divergence("skew_reverse_kl", 6, "skew", ("torch",), "KL(q || a q + (1 - a) p), a = skew"),
+    Divergence("symmetric_kl", 7, "beta", ("torch",), "(1 - beta) KL(p||q) + beta KL(q||p)",
+               finite_off_support=False),
 )
+# Parameter values at which a divergence is another one (the kernels run that one):
+# (name, parameter value) -> name.
+_ENDPOINTS = {("jsd", 0.0): "kl", ("jsd", 1.0): "reverse_kl", ("skew_kl", 0.0): "kl",
+              ("skew_reverse_kl", 0.0): "reverse_kl", ("symmetric_kl", 0.0): "kl",
+              ("symmetric_kl", 1.0): "reverse_kl"}
 DIVERGENCES = tuple(d.name for d in DIVERGENCE_TABLE)
 _BY_NAME = {d.name: d for d in DIVERGENCE_TABLE}
 
@@ -43,6 +56,9 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 BACKEND_NAMES = ("auto",) + ALL_BACKENDS
 _INT64 = (-(2 ** 63), 2 ** 63 - 1)
+# Temperatures whose reciprocal and square stay normal float32 numbers (the kernels' arithmetic).
+_T_RANGE = (2.0 ** -60, 2.0 ** 60)
+_F32_MAX = 3.4e38
 
 
 def divergence(name: str) -> Divergence:
@@ -55,6 +71,7 @@ class KDOptions:
     temperature: float = 1.0
     divergence: str = "kl"
     beta: float = 0.5
+    skew: float = 0.1
     soft_weight: float = 1.0
     hard_weight: float = 0.0
     t_squared: bool = True
@@ -63,6 +80,8 @@ class KDOptions:
     normalizer: object = None     # None, a float > 0, or a 0-d tensor
     backend: str = "auto"
     inplace: bool = False
+    teacher_topk_mode: str = "full"
+    teacher_topk_temperature: float = 1.0
 
     @property
     def soft_scale(self) -> float:
@@ -71,13 +90,27 @@ class KDOptions:
         return self.soft_weight * (T * T if self.t_squared else 1.0)
 
     @property
+    def param(self) -> float:
+        """The divergence's parameter (beta, skew), or 0.0 if it has none."""
+        field = _BY_NAME[self.divergence].param
+        return getattr(self, field) if field else 0.0
+
+    @property
     def kernel_divergence(self) -> tuple[int, float]:
-        """(code, beta) the kernels run: jsd's endpoints are plain KL (TRL's convention):
-        beta = 0 is KL(p||q), beta = 1 is KL(q||p)."""
-        name, beta = self.divergence, self.beta
-        if name == "jsd" and beta in (0.0, 1.0):
-            name = "kl" if beta == 0.0 else "reverse_kl"
-        return _BY_NAME[name].code, beta
+        """(code, parameter) the kernels run. At its endpoints a divergence is another one and
+        runs as such: jsd beta = 0 is KL(p||q) and beta = 1 is KL(q||p) (TRL's convention),
+        skew 0 is plain KL / reverse KL, symmetric_kl beta 0 / 1 is KL / reverse KL."""
+        name, param = self.divergence, self.param
+        name = _ENDPOINTS.get((name, param), name)
+        return _BY_NAME[name].code, param
+
+    @property
+    def kernel_divergence_info(self) -> Divergence:
+        return DIVERGENCE_TABLE[self.kernel_divergence[0]]
+
+    @property
+    def divergence_feature(self) -> str:
+        return f"divergence={self.divergence!r}"
 
     def replace(self, **changes) -> "KDOptions":
         return replace(self, **changes)
@@ -105,10 +138,16 @@ def check_backend(backend) -> str:
     return backend
 
 
-def check_options(*, temperature=1.0, divergence="kl", beta=0.5, soft_weight=1.0, hard_weight=0.0,
+TOPK_MODES = ("full", "renormalized", "tail")
+
+
+def check_options(*, temperature=1.0, divergence="kl", beta=0.5, skew=0.1, soft_weight=1.0, hard_weight=0.0,
                   t_squared=True, ignore_index=-100, reduction="mean", normalizer=None, backend="auto",
-                  inplace=False) -> KDOptions:
+                  inplace=False, teacher_topk_mode="full", teacher_topk_temperature=1.0) -> KDOptions:
     """Validate the scalar options shared by every KD entry point; returns them as a KDOptions."""
+    if teacher_topk_mode not in TOPK_MODES:
+        raise ValueError(f"teacher_topk_mode must be one of {TOPK_MODES}, got {teacher_topk_mode!r}")
+    teacher_topk_temperature = _number("teacher_topk_temperature", teacher_topk_temperature, positive=True)
     if divergence not in _BY_NAME:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     if reduction not in REDUCTIONS:
@@ -128,6 +167,17 @@ def check_options(*, temperature=1.0, divergence="kl", beta=0.5, soft_weight=1.0
     beta = _number("beta", beta)
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
+    skew = _number("skew", skew)
+    if not 0.0 <= skew < 1.0:
+        raise ValueError(f"skew must be in [0, 1), got {skew} (skew = 1 makes the mixture the distribution itself)")
+    T = _number("temperature", temperature, positive=True)
+    if not _T_RANGE[0] <= T <= _T_RANGE[1]:
+        raise ValueError(f"temperature must be in [{_T_RANGE[0]:.3g}, {_T_RANGE[1]:.3g}] (1 / T and the T**2 "
+                         f"factor must be normal float32 numbers), got {T}")
+    soft_weight = _number("soft_weight", soft_weight, nonnegative=True)
+    if t_squared and not soft_weight * T * T < _F32_MAX:
+        raise ValueError(f"soft_weight * temperature**2 = {soft_weight * T * T:.3g} overflows float32; lower them "
+                         f"or pass t_squared=False")
     if normalizer is not None:
         if reduction == "none":
             raise ValueError("normalizer cannot be combined with reduction='none'")
@@ -142,11 +192,10 @@ def check_options(*, temperature=1.0, divergence="kl", beta=0.5, soft_weight=1.0
         else:
             normalizer = _number("normalizer", normalizer, positive=True)
     return KDOptions(
-        temperature=_number("temperature", temperature, positive=True), divergence=divergence, beta=beta,
-        soft_weight=_number("soft_weight", soft_weight, nonnegative=True),
+        temperature=T, divergence=divergence, beta=beta, skew=skew, soft_weight=soft_weight,
         hard_weight=_number("hard_weight", hard_weight, nonnegative=True), t_squared=t_squared,
         ignore_index=int(ignore_index), reduction=reduction, normalizer=normalizer, backend=backend,
-        inplace=inplace)
+        inplace=inplace, teacher_topk_mode=teacher_topk_mode, teacher_topk_temperature=teacher_topk_temperature)
 
 
 # ---- tensor checks shared by the entry points ------------------------------------------------

@@ -65,20 +65,40 @@ def _sum_a_log_ratio(a: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) 
     return torch.where(zero, 0.0, a * (la - lb)).sum(-1)
 
 
-def divergence_rows(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str, beta: float = 0.5) -> torch.Tensor:
-    """Per-row divergence between teacher p and student q, given as float64 log-probabilities."""
+def divergence_rows(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str, beta: float = 0.5,
+                    skew: float = 0.1) -> torch.Tensor:
+    """Per-row divergence between teacher p and student q, given as float64 log-probabilities.
+    The divergences and their parameters are those of kdkernels.options.DIVERGENCE_TABLE."""
     p, q = log_p.exp(), log_q.exp()
-    if divergence == "kl" or (divergence == "jsd" and beta == 0):
+    if divergence == "kl" or (divergence in ("jsd", "symmetric_kl") and beta == 0):
         return _sum_a_log_ratio(p, log_p, log_q)
-    if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1):
+    if divergence == "reverse_kl" or (divergence in ("jsd", "symmetric_kl") and beta == 1):
         return _sum_a_log_ratio(q, log_q, log_p)
     if divergence == "soft_ce":
         zero = p == 0
         return -torch.where(zero, 0.0, p * torch.where(zero, 0.0, log_q)).sum(-1)
     if divergence == "jsd":
-        log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), dim=0)
+        log_m = _log_mix(log_p, log_q, beta)
         return beta * _sum_a_log_ratio(p, log_p, log_m) + (1 - beta) * _sum_a_log_ratio(q, log_q, log_m)
-    raise ValueError(f"divergence must be one of 'kl', 'soft_ce', 'reverse_kl', 'jsd', got {divergence!r}")
+    if divergence == "tvd":
+        return 0.5 * (p - q).abs().sum(-1)
+    if divergence == "skew_kl":      # KL(p || a p + (1 - a) q)
+        return _sum_a_log_ratio(p, log_p, _log_mix(log_p, log_q, skew))
+    if divergence == "skew_reverse_kl":  # KL(q || a q + (1 - a) p)
+        return _sum_a_log_ratio(q, log_q, _log_mix(log_q, log_p, skew))
+    if divergence == "symmetric_kl":  # (1 - beta) KL(p||q) + beta KL(q||p)
+        return (1 - beta) * _sum_a_log_ratio(p, log_p, log_q) + beta * _sum_a_log_ratio(q, log_q, log_p)
+    raise ValueError(f"unknown divergence {divergence!r}")
+
+
+def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor:
+    """log(w a + (1 - w) b) (w in [0, 1]); -inf where a = b = 0, with a zero (not NaN) gradient."""
+    logs = [x + math.log(c) for x, c in ((log_a, w), (log_b, 1 - w)) if c > 0]
+    if len(logs) == 1:
+        return logs[0]
+    both = (log_a == -math.inf) & (log_b == -math.inf)
+    out = torch.logsumexp(torch.stack([torch.where(both, 0.0, x) for x in logs]), dim=0)
+    return torch.where(both, -math.inf, out)
 
 
 def kd_loss(
@@ -90,6 +110,7 @@ def kd_loss(
     temperature=1.0,
     divergence="kl",
     beta=0.5,
+    skew=0.1,
     soft_weight=1.0,
     hard_weight=0.0,
     t_squared=True,
@@ -111,7 +132,7 @@ def kd_loss(
             teacher_logits = torch.where(keep, teacher_logits.double(), 0.0)
     log_q = torch.log_softmax(s / temperature, dim=-1)
     log_p = teacher_log_probs(teacher_logits, teacher_probs, temperature)
-    soft = divergence_rows(log_p, log_q, divergence, beta)
+    soft = divergence_rows(log_p, log_q, divergence, beta, skew)
     per_pos = soft_weight * (temperature**2 if t_squared else 1.0) * soft
     if labels is not None:
         ignored = labels == ignore_index
@@ -153,14 +174,74 @@ def kd_loss_ensemble(student_logits, teacher_logits, labels=None, *, teacher_wei
     return kd_loss(student_logits, temperature * log_p, labels, temperature=temperature, **kwargs)
 
 
-def kd_loss_topk(student_logits, teacher_topk_ids, teacher_topk_logprobs, labels=None, **kwargs):
-    """Float64 kd_loss against a top-k teacher: the k log-probabilities scattered into an
-    all -inf row (p = 0 off the k ids), then tempered and renormalised like any logits."""
+def kd_loss_topk(student_logits, teacher_topk_ids, teacher_topk_logprobs, labels=None, *,
+                 teacher_topk_mode="full", teacher_topk_temperature=1.0, temperature=1.0, divergence="kl",
+                 beta=0.5, skew=0.1, soft_weight=1.0, hard_weight=0.0, t_squared=True, ignore_index=-100,
+                 reduction="mean", normalizer=None):
+    """Float64 kd_loss against a sparse teacher (arguments of kdkernels.kd_loss). Entries whose
+    logprob is -inf are absent (never read). Modes, T the loss temperature, tau the logprobs':
+
+    - "full": the present logprobs * tau scattered into an all -inf row, then kd_loss at T (the
+      teacher is renormalised over its entries, the student keeps its whole vocabulary);
+    - "renormalized": kd_loss at T between the student's logits gathered at the present ids and
+      the logprobs * tau (both renormalised there), plus the hard term on the full logits;
+    - "tail": k + 1 bins, exp(logprobs) and q = softmax(s / T) at the ids, each completed by its
+      tail log(-expm1(min(logsumexp(entries), -1e-7))) (TRL's _add_tail_bucket), the divergence
+      over the bins, plus the hard term.
+    """
     lp = teacher_topk_logprobs.double()
-    dense = torch.full((*lp.shape[:-1], student_logits.shape[-1]), -math.inf, dtype=torch.float64,
-                       device=lp.device)
-    dense = dense.scatter(-1, teacher_topk_ids.long(), lp)
-    return kd_loss(student_logits, dense, labels, **kwargs)
+    present = lp != -math.inf
+    # a position with no present entry has no soft term: it is computed on a benign stand-in
+    # (every entry present, logprob 0) and masked, so that no NaN reaches the gradients
+    none = ~present.any(-1, keepdim=True)
+    lp = torch.where(none, 0.0, lp)
+    present = present | none
+    ids = torch.where(present, teacher_topk_ids.long(), 0)
+    s = student_logits.double()
+    common = dict(divergence=divergence, beta=beta, skew=skew, t_squared=t_squared, ignore_index=ignore_index)
+    if teacher_topk_mode == "full":
+        dense = torch.full((*lp.shape[:-1], s.shape[-1]), -math.inf, dtype=torch.float64, device=lp.device)
+        # absent entries may share a column with a present one: "amax" lets the present value win
+        dense = dense.scatter_reduce(-1, ids, torch.where(present, lp * teacher_topk_temperature, -math.inf),
+                                     reduce="amax")
+        soft = kd_loss(s, dense, labels, temperature=temperature, soft_weight=soft_weight, hard_weight=0.0,
+                       reduction="none", **common)
+    else:
+        if teacher_topk_mode == "renormalized":
+            s_bins = torch.where(present, s.gather(-1, ids), -math.inf)
+            t_bins = torch.where(present, lp * teacher_topk_temperature, -math.inf)
+            log_q = torch.log_softmax(s_bins / temperature, -1)
+            log_p = torch.log_softmax(t_bins / temperature, -1)
+        else:  # tail
+            def with_tail(x):
+                lse = torch.logsumexp(x, -1, keepdim=True).clamp(max=-1e-7)
+                return torch.cat([x, torch.log(-torch.expm1(lse))], -1)
+            log_q = with_tail(torch.where(present, torch.log_softmax(s / temperature, -1).gather(-1, ids), -math.inf))
+            log_p = with_tail(torch.where(present, lp, -math.inf))
+        D = divergence_rows(log_p, log_q, divergence, beta, skew)
+        soft = soft_weight * (temperature ** 2 if t_squared else 1.0) * D
+        if labels is not None:
+            soft = torch.where(labels == ignore_index, 0.0, soft)
+    # a position with no present entry has no soft term
+    soft = torch.where(none.squeeze(-1), 0.0, soft)
+    per_pos = soft
+    if labels is not None:
+        ignored = labels == ignore_index
+        if hard_weight != 0:
+            safe = torch.where(ignored, 0, labels).long()
+            ce = torch.logsumexp(s, -1) - s.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+            per_pos = per_pos + torch.where(ignored, 0.0, hard_weight * ce)
+        count = (~ignored).sum()
+    else:
+        count = per_pos.numel()
+    if reduction == "none":
+        return per_pos
+    total = per_pos.sum()
+    if normalizer is not None:
+        return total / torch.as_tensor(normalizer, dtype=torch.float64)
+    if reduction == "sum":
+        return total
+    return total / max(int(count), 1)
 
 
 def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,

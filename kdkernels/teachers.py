@@ -18,7 +18,9 @@ from .options import KDOptions, check_labels, check_normalizer_device, float_ten
 
 __all__ = ["topk_teacher"]
 
-_TOPK_BACKENDS = ("torch", "triton", "cuda")  # backends with a kd_topk_forward
+TOPK_MODES = ("full", "renormalized", "tail")  # the op's mode codes are their indices
+# Backends with a native top-k kernel, per mode (the divergence's own backends also apply).
+_TOPK_NATIVE = {"full": ("torch",), "renormalized": ("torch",), "tail": ("torch",)}
 
 
 def kd_rows(student_logits, teacher_logits, labels, teacher_probs, opts: KDOptions, ids, logprobs, weights):
@@ -43,20 +45,15 @@ def kd_rows(student_logits, teacher_logits, labels, teacher_probs, opts: KDOptio
     y = None if labels is None else labels.reshape(-1).long()
     common = (opts.temperature, code, beta, opts.soft_scale, opts.hard_weight, opts.ignore_index)
     if topk:
-        ids, logprobs = _check_topk(ids, logprobs, s, code)
-        backend = opts.backend
-        if backend != "auto" and backend not in _TOPK_BACKENDS:
-            names = ", ".join(repr(b) for b in _TOPK_BACKENDS)
-            raise ValueError(f"top-k teachers (teacher_topk_ids) run on backend={names} only, "
-                             f"not backend={backend!r}; pass one of those or 'auto'")
+        ids, logprobs = _check_topk(ids, logprobs, s, opts)
         float64 = torch.float64 in (s.dtype, logprobs.dtype)
-        auto = backend == "auto"
-        backend = resolve(backend, s.device, float64=float64)
-        if auto and backend not in _TOPK_BACKENDS:  # a future backend without a top-k kernel
-            backend = "torch"  # (today every backend auto resolves to has one: triton, cuda, torch)
+        mode = opts.teacher_topk_mode
+        native = tuple(b for b in opts.kernel_divergence_info.backends if b in _TOPK_NATIVE[mode])
+        backend = resolve(opts.backend, s.device, float64=float64, native=native,
+                          feature=f"a top-k teacher with teacher_topk_mode={mode!r} and {opts.divergence_feature}")
         teacher_grad = torch.is_grad_enabled() and logprobs.requires_grad
-        loss, _, _ = ops.kd_topk_fused(rows(s), rows(ids).long(), rows(logprobs), y, *common,
-                                       teacher_grad, backend)
+        loss, _, _ = ops.kd_topk_fused(rows(s), rows(ids).long(), rows(logprobs), y, *common, teacher_grad,
+                                       TOPK_MODES.index(mode), opts.teacher_topk_temperature, backend)
         return loss, y
     teachers, w = _check_ensemble(teacher_logits, weights, s)
     float64 = any(t.dtype == torch.float64 for t in [s, *teachers])
@@ -105,10 +102,16 @@ def _check_ensemble(teacher_logits, weights, s):
     return teachers, [x / total for x in w]
 
 
-def _check_topk(ids, logprobs, s, code):
-    if DIVERGENCES[code] == "reverse_kl":
-        raise ValueError("divergence='reverse_kl' (or jsd with beta=1) is infinite for a top-k teacher "
-                         "(p = 0 outside the k ids, where q > 0): use 'kl', 'soft_ce' or 'jsd' with beta < 1")
+def _check_topk(ids, logprobs, s, opts: KDOptions):
+    mode = opts.teacher_topk_mode
+    if mode == "full" and not opts.kernel_divergence_info.finite_off_support:
+        raise ValueError(f"{opts.divergence_feature} (with beta={opts.beta}) is infinite for a top-k teacher in "
+                         f"teacher_topk_mode='full' (the teacher has no mass outside its k ids, where the student "
+                         f"has some): use teacher_topk_mode='renormalized' or 'tail', or another divergence")
+    if mode == "tail" and opts.teacher_topk_temperature != opts.temperature:
+        raise ValueError(f"teacher_topk_mode='tail' takes the given probabilities as they are, so they must be "
+                         f"produced at the loss temperature: teacher_topk_temperature="
+                         f"{opts.teacher_topk_temperature} != temperature={opts.temperature}")
     if not isinstance(ids, Tensor):
         raise TypeError(f"teacher_topk_ids must be a torch.Tensor, got {type(ids).__name__}")
     if ids.dtype.is_floating_point or ids.is_complex() or ids.dtype == torch.bool:
@@ -124,18 +127,24 @@ def _check_topk(ids, logprobs, s, code):
     k = ids.shape[-1]
     if not 1 <= k <= V:
         raise ValueError(f"teacher_topk_ids needs 1 <= k <= V = {V}, got k = {k}")
-    for name, x in (("teacher_topk_ids", ids), ("teacher_topk_logprobs", logprobs)):
+    for what, x in (("teacher_topk_ids", ids), ("teacher_topk_logprobs", logprobs)):
         if x.device != s.device:
-            raise ValueError(f"{name} is on {x.device} but student_logits is on {s.device}")
+            raise ValueError(f"{what} is on {x.device} but student_logits is on {s.device}")
     if ids.device.type == "cpu" and ids.numel() and not torch.compiler.is_compiling():
-        # Checked where it costs no device sync; elsewhere out-of-range ids are undefined behaviour.
-        bad = (ids < 0) | (ids >= V)
+        # Checked where it costs no device sync; elsewhere out-of-range present ids are undefined
+        # behaviour. Absent entries (logprob -inf) are never read: any id, duplicates included.
+        present = logprobs.detach() != -math.inf
+        bad = present & ((ids < 0) | (ids >= V))
         if bool(bad.any()):
-            raise ValueError(f"teacher_topk_ids must be in [0, {V}), got {ids[bad].flatten()[0].item()}")
+            raise ValueError(f"teacher_topk_ids must be in [0, {V}) where the logprob is not -inf, "
+                             f"got {ids[bad].flatten()[0].item()}")
         if k > 1:
-            srt = ids.reshape(-1, k).sort(-1).values
+            # duplicates among present entries: absent ones become distinct negative ids first
+            marked = torch.where(present, ids, -1 - torch.arange(k, device=ids.device).expand_as(ids))
+            srt = marked.reshape(-1, k).sort(-1).values
             if bool((srt[:, 1:] == srt[:, :-1]).any()):
-                raise ValueError("teacher_topk_ids must be distinct within each position (row)")
+                raise ValueError("teacher_topk_ids must be distinct within each position (row) among its present "
+                                 "entries (logprob > -inf)")
     return ids, logprobs
 
 

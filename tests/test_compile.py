@@ -101,12 +101,18 @@ def kd_ensemble_fused_samples(device, backend):
 def kd_topk_fused_samples(device, backend):
     g, N, V, k = _gen(4), 6, 31, 5
     out = []
-    for code, tgrad in [(KL, False), (SOFT_CE, True), (JSD, False)]:
+    full_only = backend != "torch"  # the other backends' top-k kernels: "full" mode, logprobs at T = 1
+    for code, tgrad, mode, tau in [(KL, False, 0, 1.0), (SOFT_CE, True, 0, 2.0), (JSD, False, 1, 1.0),
+                                   (REVERSE_KL, True, 2, 1.5)]:
+        if full_only and (mode or tau != 1.0):
+            continue
         s = _randn(N, V, device=device, g=g, grad=True)
         ids = torch.stack([torch.randperm(V, generator=g)[:k] for _ in range(N)]).to(device)
-        logprobs = torch.log_softmax(_randn(N, k, device=device, g=g), -1).requires_grad_(tgrad)
+        logprobs = torch.log_softmax(_randn(N, k, device=device, g=g), -1)
+        logprobs[1, 3:] = -float("inf")  # absent entries
         y = _labels(N, V, device, g)
-        out.append((s, ids, logprobs, y, 1.5, code, 0.5, 2.25, 0.2, -100, tgrad, backend))
+        out.append((s, ids, logprobs.requires_grad_(tgrad), y, 1.5, code, 0.5, 2.25, 0.2, -100, tgrad, mode, tau,
+                    backend))
     return out
 
 

@@ -50,10 +50,13 @@ def test_kd_loss_on_cpu_tensors_raises_clearly():
         kdkernels.tempered_softmax(s, 2.0, backend="cuda")
 
 
-def test_topk_on_cpu_tensors_raises_clearly():
+def test_topk_is_not_a_cuda_feature_and_says_so():
+    """The sparse-teacher conventions (absent entries, teacher_topk_temperature, the renormalized and
+    tail modes) are not in the CUDA C++ backend (it takes no features until it has run on a GPU):
+    backend='cuda' names the backends that have them."""
     s, t, _ = make_inputs((4, 11), torch.float32)
     ids, lp = kdkernels.topk_teacher(t, 3)
-    with pytest.raises(RuntimeError, match=r"backend='cuda' cannot run on cpu: .*CUDA tensors only"):
+    with pytest.raises(ValueError, match=r"top-k teacher .* runs on backend='torch'.*not backend='cuda'"):
         kdkernels.kd_loss(s, teacher_topk_ids=ids, teacher_topk_logprobs=lp, backend="cuda")
 
 

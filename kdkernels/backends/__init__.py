@@ -47,12 +47,16 @@ def why_unavailable(name: str, device: torch.device) -> str | None:
     return mod.available(torch.device(device))
 
 
-def resolve(backend: str, device: torch.device, *, float64: bool = False) -> str:
-    """Turn the user's backend argument into a backend that can run, or raise saying why."""
-    return _resolve(backend, str(torch.device(device)), bool(float64))
+def resolve(backend: str, device: torch.device, *, float64: bool = False, feature: str = "",
+            native: tuple = BACKENDS) -> str:
+    """Turn the user's backend argument into a backend that can run, or raise saying why.
+
+    `native`: the backends that implement `feature` (a phrase such as "divergence='tvd'"); an
+    explicit backend outside it is a ValueError naming them, "auto" picks among them."""
+    return _resolve(backend, str(torch.device(device)), bool(float64), feature, tuple(native))
 
 
-def _resolve(backend: str, device: str, float64: bool) -> str:
+def _resolve(backend: str, device: str, float64: bool, feature: str, native: tuple) -> str:
     device = torch.device(device)
     if backend == "auto":
         backend = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
@@ -62,11 +66,15 @@ def _resolve(backend: str, device: str, float64: bool) -> str:
         if float64:
             return "torch"
         for name in _AUTO_ORDER.get(device.type, ()):
-            if why_unavailable(name, device) is None:
+            if name in native and why_unavailable(name, device) is None:
                 return name
         return "torch"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    if backend not in native:
+        raise ValueError(f"{feature} runs on backend={' or '.join(map(repr, native))} (or 'auto'), not "
+                         f"backend={backend!r}" + (" (the CUDA C++ backend takes no new features until it has run "
+                                                   "on a GPU)" if backend == "cuda" else ""))
     reason = why_unavailable(backend, device)
     if reason is not None:
         raise RuntimeError(f"backend={backend!r} cannot run on {device}: {reason}")

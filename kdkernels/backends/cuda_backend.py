@@ -98,11 +98,14 @@ TOPK_MAX_K = 1024
 
 
 def kd_topk_forward(student, ids, logprobs, labels, *, temperature, divergence, beta, soft_scale,
-                    hard_weight, ignore_index, teacher_grad):
+                    hard_weight, ignore_index, teacher_grad, mode=0, teacher_temperature=1.0):
     """Fused per-row loss and gradients against an offline top-k teacher (the contract of
     kdkernels.ops.kd_topk_fused; torch_backend.kd_topk_forward is the same math). One CTA per
     row (csrc/kd_topk.cu): a statistics pass over the student row, the k entries in shared
     memory, a pass writing the dense gradient, then the k ids' entries."""
+    if mode != 0 or teacher_temperature != 1.0:  # kdkernels.teachers routes only "full" at tau = 1 here
+        raise ValueError(f"{NAME} backend: top-k teachers in teacher_topk_mode='full' with teacher_topk_temperature=1 "
+                         f"only (got mode {mode}, teacher_topk_temperature={teacher_topk_temperature})")
     if ids.shape[-1] > TOPK_MAX_K:
         from . import torch_backend
         return torch_backend.kd_topk_forward(

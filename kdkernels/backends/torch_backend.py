@@ -13,6 +13,8 @@ import math
 import torch
 
 from . import DIVERGENCES
+from . import torch_math as M
+from .torch_math import log_softmax_and_softmax
 
 NAME = "torch"
 # Elements per work chunk: 2**18 float32 = 1 MiB per buffer keeps the handful of live
@@ -34,131 +36,27 @@ def _rows_per_chunk(V: int) -> int:
     return max(1, CHUNK_ELEMS // max(V, 1))
 
 
-def _mul0(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a * b, exactly 0 where a == 0 (a zero probability times -inf is 0, not NaN; NaN in a stays NaN)."""
-    return (a * b).masked_fill_(a == 0, 0.0)
-
-
-def _sum_mul0(a: torch.Tensor, b: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    """Row sums of _mul0(a, b), keepdim (in b's storage if `inplace`). On the CPU the plain
-    product is summed first and the mask (two more passes) is applied only if a row came out
-    NaN: checking a [rows] vector costs nothing there, whereas on a GPU it would be a sync."""
-    prod = b.mul_(a) if inplace else a * b
-    if a.device.type == "cpu":
-        d = prod.sum(-1, keepdim=True)
-        if not bool(d.isnan().any()):
-            return d
-    return prod.masked_fill_(a == 0, 0.0).sum(-1, keepdim=True)
-
-
-def _log_softmax_stats(x: torch.Tensor, out=None):
-    """(log_softmax(x), softmax(x)) of a float chunk along the last dim, optionally into
-    `out` = (log_p buffer, p buffer). An all -inf or +inf row gives NaN: no distribution.
-
-    One exp per element: the fused softmax gives p, and since its largest entry is exactly
-    exp(0) / sum, lse = max(x) - log(max(p)), whence log p = x - lse (two read passes and a
-    subtraction instead of a second exp pass: measured 2x faster than log_softmax + exp at
-    V = 131072 on the CPU, and as accurate). For short rows, where ATen's CPU softmax
-    kernels are slow (7500 x 10: log_softmax 3.5 ms vs logsumexp 0.8 ms), a logsumexp.
-    """
-    lp_out, p_out = out if out is not None else (None, None)
-    if x.shape[-1] < 1024:
-        log_p = torch.sub(x, torch.logsumexp(x, -1, keepdim=True), out=lp_out)
-        return log_p, torch.exp(log_p, out=p_out)
-    p = torch.softmax(x, -1, out=p_out)
-    lse = x.amax(-1, keepdim=True).sub_(p.amax(-1, keepdim=True).log_())
-    return torch.sub(x, lse, out=lp_out), p
-
-
-class _Workspace:
-    """Named (rows, V) buffers reused by every chunk of one call. On the CPU a fresh buffer of
-    this size page-faults on every chunk (measured: about a quarter of the forward time)."""
-
-    def __init__(self, rows: int, V: int, dtype: torch.dtype, device: torch.device):
-        self.shape, self.dtype, self.device, self.buffers = (rows, V), dtype, device, {}
-
-    def __call__(self, name: str, n: int) -> torch.Tensor:
-        if name not in self.buffers:
-            self.buffers[name] = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-        return self.buffers[name][:n]
-
-    def cast(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """x in the workspace dtype (x itself when it already is)."""
-        return x if x.dtype == self.dtype else self(name, x.shape[0]).copy_(x)
-
-
-def divergence_and_grads(log_p, p, log_q, q, code: int, beta: float, teacher: bool = True,
-                         xt=None, xs=None, own: bool = False):
-    """Per-row divergence D and its gradients w.r.t. the tempered student and teacher logits.
-
-    Returns (D [rows, 1], dD/ds' [rows, V], dD/dt' [rows, V] or None unless `teacher`),
-    s' = s / T and t' = t / T. xt, xs: t' and s' themselves (optional). The gradients' centred
-    terms such as log p - log q - D are formed from them, (t' - s') - sum p (t' - s'), where the
-    rows' log-sum-exps cancel exactly instead of leaving their float32 rounding
-    (eps * |log p| per element) in a difference that is often far smaller. own: the four
-    input tensors may be overwritten.
-    """
-    name = DIVERGENCES[code]
-    if xt is None:
-        xt, xs = log_p, log_q
-    if own and not teacher and name in ("kl", "soft_ce"):
-        # the common case, in the inputs' own buffers (they are not needed afterwards)
-        D = _sum_mul0(p, log_p.sub_(log_q), inplace=True) if name == "kl" else -_sum_mul0(p, log_q, inplace=True)
-        return D, q.sub_(p), None
-    if name == "kl":
-        D = _sum_mul0(p, log_p - log_q)
-        if not teacher:
-            return D, q - p, None
-        rc = xt - xs
-        return D, q - p, _mul0(p, rc.sub_(_sum_mul0(p, rc)))
-    if name == "soft_ce":
-        D = -_sum_mul0(p, log_q)
-        return D, q - p, _mul0(p, _sum_mul0(p, xs) - xs) if teacher else None
-    if name == "reverse_kl":
-        D = _sum_mul0(q, log_q - log_p)
-        rc = xs - xt
-        return D, _mul0(q, rc.sub_(_sum_mul0(q, rc))), p - q if teacher else None
-    # jsd with 0 < beta < 1 (the API maps beta 0 / 1 to kl / reverse_kl). With m = beta p +
-    # (1 - beta) q and u = log p - log q, the log-ratios are taken relative to their value where
-    # the other distribution vanishes, so that the dominant entries (ratio ~ 1) carry no
-    # cancellation in the gradient q (log q/m - KL(q||m)):
-    #   log q/m = -log(1 - beta) - softplus(u + log(beta / (1 - beta)))
-    #   log p/m = -log(beta)     - softplus(log((1 - beta) / beta) - u)
-    logit_b = math.log(beta) - math.log1p(-beta)
-    u = log_p - log_q
-    rq = -torch.nn.functional.softplus(u + logit_b)      # log q/m + log(1 - beta)
-    rp = -torch.nn.functional.softplus(-logit_b - u)     # log p/m + log(beta)
-    e_q = _sum_mul0(q, rq)
-    e_p = _sum_mul0(p, rp)
-    D = beta * (e_p - math.log(beta)) + (1 - beta) * (e_q - math.log1p(-beta))
-    return D, (1 - beta) * _mul0(q, rq - e_q), beta * _mul0(p, rp - e_p) if teacher else None
+_mul0 = M.mul0  # kdkernels.distributed uses it
 
 
 def apply_labels(row_loss, dS, s, y, hard_weight, ignore_index, stats_t1=None):
     """Adds hard_weight * CE(s, y) to the rows' loss and (in place) gradient, then applies the
     label rules: ignored rows give loss 0 and gradient 0; an out-of-range label (only reachable
     where the API could not check it without a device sync) gives a NaN row instead of an
-    out-of-bounds read. `stats_t1`: (log_softmax(s), softmax(s)) if already computed (T = 1).
+    out-of-bounds read. stats_t1: (z, softmax, log d) of s at T = 1 if already computed.
     Returns (row_loss, ignored)."""
     V = s.shape[-1]
     ignored = y == ignore_index
     bad = ((y < 0) | (y >= V)) & ~ignored
     if hard_weight != 0:
         y_safe = torch.where(ignored | bad, 0, y).unsqueeze(-1)
-        log_sm, sm = stats_t1 if stats_t1 is not None else _log_softmax_stats(s)
-        row_loss = row_loss - hard_weight * log_sm.gather(-1, y_safe).squeeze(-1)
+        z, sm, log_d = stats_t1 if stats_t1 is not None else M.centred_stats(s, 1.0)
+        row_loss = row_loss + hard_weight * (log_d - z.gather(-1, y_safe)).squeeze(-1)
         dS.add_(sm, alpha=hard_weight)
         dS.scatter_add_(-1, y_safe, torch.full_like(y_safe, -hard_weight, dtype=dS.dtype))
     row_loss = row_loss.masked_fill(bad, math.nan).masked_fill(ignored, 0.0)
     dS.masked_fill_(bad.unsqueeze(-1), math.nan).masked_fill_(ignored.unsqueeze(-1), 0.0)
     return row_loss, ignored
-
-
-def _teacher_tempered(t: torch.Tensor, teacher_is_probs: bool, inv_t: float, out: torch.Tensor) -> torch.Tensor:
-    """t / T, or log(P) / T (log 0 = -inf), into `out` (t already in out's dtype)."""
-    if not teacher_is_probs:
-        return torch.mul(t, inv_t, out=out)
-    return torch.log(t, out=out).mul_(inv_t)
 
 
 def _outputs(student, teacher, teacher_grad: bool, acc: torch.dtype):
@@ -170,45 +68,60 @@ def _outputs(student, teacher, teacher_grad: bool, acc: torch.dtype):
             torch.empty(teacher.shape if teacher_grad else (0,), dtype=teacher.dtype, device=dev))
 
 
+def kd_block(s, t, y, ws, grad_s, grad_t, *, teacher_is_probs, temperature, divergence, beta, soft_scale,
+             hard_weight, ignore_index, teacher_grad):
+    """One block of rows: returns the rows' loss and writes d loss / ds into grad_s (and
+    d loss / dt into grad_t if teacher_grad). s, t any float dtype (t probabilities if
+    teacher_is_probs); ws: a Workspace in the accumulation dtype."""
+    n = s.shape[0]
+    inv_t = 1.0 / temperature
+    xs = ws.cast("s", s)
+    xt = ws.cast("t", t)
+    if teacher_is_probs:  # log 0 = -inf: p = 0
+        xt = torch.log(xt, out=ws("logt", n))
+    zs, q, log_ds = M.centred_stats(xs, inv_t, z_out=ws("zs", n), e_out=ws("q", n))
+    zt, p, log_dt = M.centred_stats(xt, inv_t, z_out=ws("zt", n), e_out=ws("p", n))
+    u = M.log_ratio(zt, log_dt, zs, log_ds, out=ws("u", n))
+    hard_t1 = y is not None and hard_weight != 0 and temperature == 1.0  # the hard term reuses (zs, q)
+    lq = torch.sub(zs, log_ds, out=ws("lq", n)) if divergence == M.SOFT_CE else None
+    D, (c_s, r_s), (c_t, r_t) = M.terms(divergence, beta, p, lq, q, u)
+    D = M.split_accurate(divergence, beta, D, p, lq, q, u)
+    row_loss = soft_scale * D.squeeze(-1)
+    g_scale = soft_scale * inv_t  # d(soft_scale * D)/ds = soft_scale * dD/ds' / T
+    dT = None
+    if teacher_grad:
+        dT = M.grad(p, q, c_t, r_t, M.row_sum(p, r_t), out=ws("dt", n)).mul_(g_scale)
+    dS = M.grad(q, p, c_s, r_s, M.row_sum(q, r_s), out=ws("ds", n)).mul_(g_scale)
+    ignored = None
+    if y is not None:
+        stats = (zs, q, log_ds) if hard_t1 else None
+        row_loss, ignored = apply_labels(row_loss, dS, xs, y, hard_weight, ignore_index, stats)
+    grad_s.copy_(dS)
+    if teacher_grad:
+        if teacher_is_probs:  # chain rule through log P: dL/dP = dL/d(log P) / P, 0 where P == 0
+            P = ws.cast("t", t)
+            dT = torch.where(P == 0, 0.0, dT / P)
+        if ignored is not None:
+            dT.masked_fill_(ignored.unsqueeze(-1), 0.0)
+        grad_t.copy_(dT)
+    return row_loss
+
+
 def kd_forward(student, teacher, labels, *, teacher_is_probs, temperature, divergence, beta,
                soft_scale, hard_weight, ignore_index, teacher_grad):
-    """Fused per-row loss and gradients (see kdkernels.ops.kd_fused for the contract)."""
+    """Fused per-row loss and gradients (see kdkernels.ops.kd_fused for the contract). `beta` is
+    the divergence's parameter (beta of jsd / symmetric_kl, the skew of skew_kl / skew_reverse_kl)."""
     N, V = student.shape
-    acc, dev = _acc_dtype(student, teacher), student.device
+    acc = _acc_dtype(student, teacher)
     loss, grad_s, grad_t = _outputs(student, teacher, teacher_grad, acc)
-    inv_t = 1.0 / temperature
-    g_scale = soft_scale * inv_t  # d(soft_scale * D)/ds = soft_scale * dD/ds' / T
+    kw = dict(teacher_is_probs=teacher_is_probs, temperature=temperature, divergence=divergence, beta=beta,
+              soft_scale=soft_scale, hard_weight=hard_weight, ignore_index=ignore_index, teacher_grad=teacher_grad)
     step = _rows_per_chunk(V)
-    ws = _Workspace(min(step, N), V, acc, dev)
-    # the hard term at T = 1 reuses (log_q, q): then they must survive divergence_and_grads
-    own = not (labels is not None and hard_weight != 0 and temperature == 1.0)
+    ws = M.Workspace(min(step, N), V, acc, student.device)
     for a in range(0, N, step):
         b = min(N, a + step)
-        n = b - a
-        s = ws.cast("s", student[a:b])
-        xs = torch.mul(s, inv_t, out=ws("xs", n))
-        xt = _teacher_tempered(ws.cast("t", teacher[a:b]), teacher_is_probs, inv_t, ws("xt", n))
-        log_q, q = _log_softmax_stats(xs, (ws("log_q", n), ws("q", n)))
-        log_p, p = _log_softmax_stats(xt, (ws("log_p", n), ws("p", n)))
-        D, dS, dT = divergence_and_grads(log_p, p, log_q, q, divergence, beta, teacher_grad, xt, xs, own)
-        row_loss = soft_scale * D.squeeze(-1)
-        # scale straight into the gradient's rows when no cast is needed (saves a copy pass)
-        direct = grad_s.dtype == acc
-        dS = torch.mul(dS, g_scale, out=grad_s[a:b]) if direct else dS.mul_(g_scale)
-        if labels is not None:
-            row_loss, ignored = apply_labels(row_loss, dS, s, labels[a:b], hard_weight, ignore_index,
-                                             (log_q, q) if temperature == 1.0 else None)
-        loss[a:b] = row_loss
-        if not direct:
-            grad_s[a:b] = dS
-        if teacher_grad:
-            dT.mul_(g_scale)
-            if teacher_is_probs:
-                P = teacher[a:b].to(acc)
-                dT = torch.where(P == 0, 0.0, dT / P)
-            if labels is not None:
-                dT.masked_fill_(ignored.unsqueeze(-1), 0.0)
-            grad_t[a:b] = dT
+        loss[a:b] = kd_block(student[a:b], teacher[a:b], None if labels is None else labels[a:b], ws,
+                             grad_s[a:b], grad_t[a:b] if teacher_grad else None, **kw)
     return loss, grad_s, grad_t
 
 
@@ -240,62 +153,71 @@ def softmax_backward(y: torch.Tensor, grad_y: torch.Tensor, temperature: float, 
     return out
 
 
-def kd_topk_forward(student, ids, logprobs, labels, *, temperature, divergence, beta, soft_scale,
-                    hard_weight, ignore_index, teacher_grad):
-    """Fused per-row loss and gradients against an offline top-k teacher (kdkernels.ops.kd_topk_fused).
+FULL, RENORMALIZED, TAIL = M.FULL, M.RENORMALIZED, M.TAIL  # top-k modes (kdkernels.teachers.TOPK_MODES)
 
-    The teacher is p_i = softmax(logprobs / T)_i over the k entries of a row (ids distinct), 0 on
-    every other vocabulary entry; the student keeps its full-vocabulary softmax q. Supports
-    "kl", "soft_ce" and "jsd" (reverse_kl is infinite whenever q has mass outside the k ids).
+
+def kd_topk_forward(student, ids, logprobs, labels, *, temperature, divergence, beta, soft_scale,
+                    hard_weight, ignore_index, teacher_grad, mode=FULL, teacher_temperature=1.0):
+    """Fused per-row loss and gradients against a sparse (top-k) teacher (kdkernels.ops.kd_topk_fused).
+
+    The divergence runs over a few bins per row (torch_math.topk_bins): the present entries
+    (logprob > -inf; absent ones are never read) and, in "full" and "tail" mode, one bin for the
+    rest of the vocabulary. full: teacher softmax(logprobs * teacher_temperature / T) over its
+    present entries, 0 on the rest; student q = softmax(s / T) at the ids and its remaining mass.
+    renormalized: both renormalised over the present ids (the student's gradient is 0 elsewhere).
+    tail: the given probabilities exp(logprobs) plus 1 - their sum, against the student's q at
+    the ids plus its remaining mass (each tail at least TAIL_MIN, constant where clamped).
     """
     N, V = student.shape
     acc = _acc_dtype(student, logprobs)
     loss, grad_s, grad_t = _outputs(student, logprobs, teacher_grad, acc)
     inv_t = 1.0 / temperature
     g_scale = soft_scale * inv_t
-    name = DIVERGENCES[divergence]
     step = _rows_per_chunk(V)
     for a in range(0, N, step):
         b = min(N, a + step)
         s = student[a:b].to(acc)
-        idx = ids[a:b]
-        log_q, q = _log_softmax_stats(s * inv_t)
-        log_p, p = _log_softmax_stats(logprobs[a:b].to(acc) * inv_t)  # over the k entries
-        lq, qk = log_q.gather(-1, idx), q.gather(-1, idx)
-        dS = q
-        if name in ("kl", "soft_ce"):
-            if name == "kl":
-                D = _mul0(p, log_p - lq).sum(-1, keepdim=True)
-                dT = _mul0(p, log_p - lq - D)
-            else:
-                D = -_mul0(p, lq).sum(-1, keepdim=True)
-                dT = -_mul0(p, lq + D)
-            dS.scatter_add_(-1, idx, -p)
-        elif name == "jsd":
-            # Outside the k ids p = 0, so m = (1 - beta) q and log(q / m) = -log(1 - beta) there.
-            c = -math.log1p(-beta)
-            log_m = torch.logaddexp(log_p + math.log(beta), lq - c)
-            rp, rq = log_p - log_m, lq - log_m
-            q_out = q.scatter(-1, idx, 0.0).sum(-1, keepdim=True)
-            kl_pm = _mul0(p, rp).sum(-1, keepdim=True)
-            kl_qm = _mul0(qk, rq).sum(-1, keepdim=True) + c * q_out
-            D = beta * kl_pm + (1 - beta) * kl_qm
-            dS.mul_(c - kl_qm).mul_(1 - beta)
-            dS.scatter_(-1, idx, (1 - beta) * _mul0(qk, rq - kl_qm))
-            dT = beta * _mul0(p, rp - kl_pm)
-        else:  # the API rejects reverse_kl for top-k teachers
-            raise ValueError(f"divergence {name!r} is not defined for top-k teachers")
-        row_loss = soft_scale * D.squeeze(-1)
-        # scale straight into the gradient's rows when no cast is needed (saves a copy pass)
-        direct = grad_s.dtype == acc
-        dS = torch.mul(dS, g_scale, out=grad_s[a:b]) if direct else dS.mul_(g_scale)
+        lp = logprobs[a:b].to(acc)
+        present = lp != -math.inf  # NaN counts as present: it reaches its row
+        idx = torch.where(present, ids[a:b], 0)
+        if mode == RENORMALIZED:
+            xs = torch.where(present, s.gather(-1, idx), -math.inf)
+            lB, B = log_softmax_and_softmax(xs, inv_t)
+            q = rest = None
+        else:
+            zs, q, log_ds = M.centred_stats(s, inv_t)
+            lB = torch.where(present, (zs - log_ds).gather(-1, idx), -math.inf)
+            B = torch.where(present, q.gather(-1, idx), 0.0)
+            # the student's mass off the present ids, summed (not 1 - sum, which cancels)
+            on = torch.zeros(s.shape, dtype=torch.uint8, device=s.device).scatter_reduce_(
+                -1, idx, present.to(torch.uint8), reduce="amax").bool()
+            rest = q.masked_fill(on, 0.0).sum(-1, keepdim=True)
+        if mode == TAIL:
+            lP = torch.where(present, lp, -math.inf)
+            P = lP.exp()
+        else:
+            lP, P = log_softmax_and_softmax(torch.where(present, lp, -math.inf), teacher_temperature * inv_t)
+        D, g_ids, rest_coef, dlp = M.topk_bins(divergence, beta, mode, P, lP, B, lB, rest, teacher_grad)
+        some = present.any(-1, keepdim=True)  # a row with no present entry has no soft term
+        row_loss = soft_scale * torch.where(some, D, 0.0).squeeze(-1)
+        if mode == RENORMALIZED:
+            dS = torch.zeros_like(s)
+        else:
+            dS = q.mul_(torch.where(some, rest_coef, 0.0))  # the rest of the row
+        # the present ids' entries; an absent entry adds 0 to column 0, so duplicates cannot race
+        g_ids = torch.where(present & some, g_ids, 0.0)
+        dS.scatter_add_(-1, idx, torch.where(present, g_ids - dS.gather(-1, idx), 0.0))
+        dS.mul_(g_scale)
+        ignored = None
         if labels is not None:
-            # q was overwritten by dS above: the hard term recomputes softmax(s)
             row_loss, ignored = apply_labels(row_loss, dS, s, labels[a:b], hard_weight, ignore_index)
-            dT = dT.masked_fill(ignored.unsqueeze(-1), 0.0)
         loss[a:b] = row_loss
-        if not direct:
-            grad_s[a:b] = dS
+        grad_s[a:b] = dS
         if teacher_grad:
-            grad_t[a:b] = dT * g_scale
+            # d loss / d logprobs: the tempered teacher's t' = logprobs * teacher_temperature / T
+            lp_scale = soft_scale if mode == TAIL else soft_scale * teacher_temperature * inv_t
+            dT = torch.where(present & some, dlp, 0.0).mul_(lp_scale)
+            if ignored is not None:
+                dT.masked_fill_(ignored.unsqueeze(-1), 0.0)
+            grad_t[a:b] = dT
     return loss, grad_s, grad_t

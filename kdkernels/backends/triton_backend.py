@@ -329,7 +329,7 @@ TOPK_MAX_K = 1024
 
 
 def kd_topk_forward(student, ids, logprobs, labels, *, temperature, divergence, beta, soft_scale,
-                    hard_weight, ignore_index, teacher_grad):
+                    hard_weight, ignore_index, teacher_grad, mode=0, teacher_temperature=1.0):
     """Fused per-row loss and gradients against an offline top-k teacher (the contract of
     kdkernels.ops.kd_topk_fused; torch_backend.kd_topk_forward is the same math). The k entries
     of a row sit in one block of registers. `launch_config` decides the vocabulary split: with
@@ -338,6 +338,9 @@ def kd_topk_forward(student, ids, logprobs, labels, *, temperature, divergence, 
     split) (max, sum) statistics ([N, splits, 6] float32), PHASE 2 combines them in every
     program, writes its span of the gradient (and the ids inside it), and split 0 writes the
     loss and the teacher gradient. Deterministic either way."""
+    if mode != 0 or teacher_temperature != 1.0:  # kdkernels.teachers routes only "full" at tau = 1 here
+        raise ValueError(f"{NAME} backend: top-k teachers in teacher_topk_mode='full' with teacher_topk_temperature=1 "
+                         f"only (got mode {mode}, teacher_topk_temperature={teacher_topk_temperature})")
     N, V = student.shape
     k = ids.shape[-1]
     if k > _TUNING.get("topk_max_k", TOPK_MAX_K):

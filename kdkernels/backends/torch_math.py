@@ -1,0 +1,328 @@
+"""The per-block math of the torch backend: tempered softmax statistics and, for every
+divergence of kdkernels.options.DIVERGENCE_TABLE, the row divergence and its gradients.
+
+Numerics (docs/numerics.md):
+
+* Logits are centred before they are tempered, z = (x - max x) / T, and log p = z - log d
+  with d = sum exp z. A log-probability then carries a rounding of eps * |log p|, not
+  eps * |x / T| (at |x| ~ 65504 the latter is 0.004, which KL's huge log-ratios turn into a
+  relative error of 1e-3). Where d is close to 1 (a nearly one-hot row), log d is log1p of the
+  other entries' sum.
+* The log-ratio u = log p - log q is formed as (z_t - z_s) - log(d_t / d_s): the per-row
+  constant is the log of a ratio, accurate to a rounding, not a difference of two log-sums.
+* A divergence can be far smaller than its terms (teacher close to student, high T): the
+  plain sum p u then cancels. Its cancellation-free form: with phi(x) = x - 1 + exp(-x) >= 0,
+  KL(p||q) = sum_{p>0} p phi(log p/q) + sum_{p=0} q (every term >= 0), phi(x) = x + expm1(-x)
+  (or p x - p + q where x < -1, which cannot overflow); a mixture m = a p + (1 - a) q enters as
+  log p/m = -log1p((1 - a) expm1(-u)), exact for small u. These cost about ten more passes,
+  so on the CPU the plain sums are kept for rows whose divergence is at least ACCURATE_BELOW
+  (where their error, a few float32 roundings of the log-probabilities, is below 1e-5 of it)
+  and the accurate form is computed for the other rows; on other devices (where a
+  data-dependent branch would sync) it is computed for every row.
+
+Gradients have one form for every divergence, with s' = s / T, t' = t / T:
+
+    dD/ds' = c_s (q - p) + q (r_s - sum q r_s)        dD/dt' = c_t (p - q) + p (r_t - sum p r_t)
+
+A product with a zero probability is exactly 0 (mul0), so -inf logits never make NaN, while
+a NaN input reaches its row.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..options import DIVERGENCES
+
+KL, SOFT_CE, REVERSE_KL, JSD, TVD, SKEW_KL, SKEW_REVERSE_KL, SYMMETRIC_KL = (
+    DIVERGENCES.index(n) for n in ("kl", "soft_ce", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl",
+                                   "symmetric_kl"))
+# Divergences whose plain sum can cancel (a "distance" that is 0 when p = q).
+_CANCELLING = (KL, REVERSE_KL, JSD, SYMMETRIC_KL, SKEW_KL, SKEW_REVERSE_KL)
+ACCURATE_BELOW = 0.0625  # nats: rows whose plain divergence is smaller get the accurate form
+
+
+def mul0(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a * b, exactly 0 where a == 0 (a zero probability times -inf or NaN is 0; NaN in a stays NaN)."""
+    return (a * b).masked_fill_(a == 0, 0.0)
+
+
+def sum_mul0(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row sums of mul0(a, b), keepdim. On the CPU the plain product is summed first and the mask
+    (two more passes) applied only if a row came out NaN: checking a [rows] vector costs nothing
+    there, whereas on a GPU it would be a sync."""
+    if a.device.type == "cpu":
+        d = (a * b).sum(-1, keepdim=True)
+        if not bool(d.isnan().any()):
+            return d
+    return mul0(a, b).sum(-1, keepdim=True)
+
+
+class Workspace:
+    """Named (rows, V) buffers reused by every chunk of one call (on the CPU a fresh buffer of this
+    size page-faults on every chunk: measured, about a quarter of the forward time)."""
+
+    def __init__(self, rows: int, V: int, dtype: torch.dtype, device: torch.device):
+        self.shape, self.dtype, self.device, self.buffers = (rows, V), dtype, device, {}
+
+    def __call__(self, name: str, n: int) -> torch.Tensor:
+        if name not in self.buffers:
+            self.buffers[name] = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        return self.buffers[name][:n]
+
+    def cast(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """x in the workspace dtype (x itself when it already is)."""
+        return x if x.dtype == self.dtype else self(name, x.shape[0]).copy_(x)
+
+
+def centred_stats(x: torch.Tensor, inv_t: float, z_out=None, e_out=None):
+    """(z, p, log d) of a float block along the last dim: z = (x - max x) / T, p = softmax(x / T),
+    log d = log sum exp z (log p = z - log d; d >= 1). An all -inf (or +inf, or NaN) row gives
+    NaN: no distribution. Into z_out / e_out when given."""
+    m = x.amax(-1, keepdim=True)
+    z = torch.sub(x, m, out=z_out)
+    if inv_t != 1.0:
+        z.mul_(inv_t)
+    e = torch.exp(z, out=e_out)
+    d = e.sum(-1, keepdim=True)
+    log_d = d.log()
+    near = d < 1.001  # d - 1 without the rounding of the 1 that the max entry contributes exactly
+    if x.device.type != "cpu" or bool(near.any()):
+        top = z == 0
+        rest = e.masked_fill(top, 0.0).sum(-1, keepdim=True) + (top.sum(-1, keepdim=True) - 1)
+        log_d = torch.where(near, torch.log1p(rest), log_d)
+    return z, e.div_(d), log_d
+
+
+def log_ratio(zt, log_dt, zs, log_ds, out=None) -> torch.Tensor:
+    """u = log p - log q = (z_t - z_s) - (log d_t - log d_s), from centred_stats of each side."""
+    return torch.sub(zt, zs, out=out).sub_(log_dt - log_ds)
+
+
+def log_softmax_and_softmax(x, inv_t: float = 1.0):
+    """(log_softmax(x / T), softmax(x / T)), centred."""
+    z, p, log_d = centred_stats(x, inv_t)
+    return z.sub_(log_d), p
+
+
+# ---- accurate (cancellation-free) divergences -----------------------------------------------
+
+def _p_phi(w, x, m):
+    """w * phi(x), phi(x) = x - 1 + exp(-x), where m = w exp(-x): x + expm1(-x) for x > -1 (no
+    cancellation for small |x|), w x - w + m below (no overflow)."""
+    return torch.where(x > -1.0, w * (x + torch.expm1(-x.clamp(min=-1.0))), w * x - w + m)
+
+
+def _kl_phi(w, x, v) -> torch.Tensor:
+    """KL(w || v) = sum_{w>0} w phi(x) + sum_{w=0} v, x = log w/v."""
+    return torch.where(w == 0, v, _p_phi(w, x, v)).sum(-1, keepdim=True)
+
+
+def log_w_over_mix(u, a: float) -> torch.Tensor:
+    """log(w / m), m = a w + (1 - a) v, given u = log w - log v: -log1p((1 - a) expm1(-u)), exact
+    for small u; -logaddexp(log a, log(1 - a) - u) for u <= -1 (no overflow)."""
+    if a >= 1.0:  # (1 - beta rounded to 1) m = w
+        return torch.where(torch.isnan(u), u, torch.zeros_like(u))
+    near = -torch.log1p((1.0 - a) * torch.expm1(-u.clamp(min=-1.0)))
+    far = -torch.logaddexp(torch.full_like(u, math.log(a)), math.log1p(-a) - u) if a > 0 else u - math.log1p(-a)
+    return torch.where(u > -1.0, near, far)
+
+
+def accurate_divergence(code: int, param: float, p, lq, q, u) -> torch.Tensor:
+    """D [rows, 1] in the cancellation-free form of the module docstring."""
+    if code == KL:
+        return _kl_phi(p, u, q)
+    if code == REVERSE_KL:
+        return _kl_phi(q, -u, p)
+    if code == SYMMETRIC_KL:
+        return (1 - param) * _kl_phi(p, u, q) + param * _kl_phi(q, -u, p)
+    if code == JSD:
+        b = param
+        m = b * p + (1 - b) * q
+        return (b * _kl_phi(p, log_w_over_mix(u, b), m)
+                + (1 - b) * _kl_phi(q, log_w_over_mix(-u, 1 - b), m))
+    if code == SKEW_KL:
+        return _kl_phi(p, log_w_over_mix(u, param), param * p + (1 - param) * q)
+    if code == SKEW_REVERSE_KL:
+        return _kl_phi(q, log_w_over_mix(-u, param), param * q + (1 - param) * p)
+    if code == TVD:  # 0.5 sum |p - q| = 0.5 sum q |expm1(u)| (p where q = 0)
+        return 0.5 * torch.where(q == 0, p, q * torch.expm1(u).abs()).sum(-1, keepdim=True)
+    if code == SOFT_CE:
+        return -sum_mul0(p, lq)
+    raise ValueError(f"unknown divergence code {code}")
+
+
+# ---- plain sums and gradient coefficients ---------------------------------------------------
+
+def terms(code: int, param: float, p, lq, q, u, normalized: bool = True):
+    """(D [rows, 1], (c_s, r_s), (c_t, r_t)): the divergence as a plain sum (accurate for
+    soft_ce and tvd; see split_accurate for the others) and the gradient coefficients of the
+    module docstring (r None where unused). lq is read for soft_ce only. normalized=False: p and
+    q need not sum to 1 (a clamped top-k tail)."""
+    c_s = c_t = 0.0
+    r_s = r_t = None
+    if code == KL:
+        D = sum_mul0(p, u)
+        c_s, r_t = 1.0, u
+    elif code == SOFT_CE:
+        D = -sum_mul0(p, lq)
+        c_s, r_t = 1.0, -lq
+    elif code == REVERSE_KL:
+        r_s, c_t = -u, 1.0
+        D = sum_mul0(q, r_s)
+    elif code == SYMMETRIC_KL:  # (1 - beta) KL(p||q) + beta KL(q||p)
+        b = param
+        D = (1 - b) * sum_mul0(p, u) - b * sum_mul0(q, u)
+        c_s, r_s, c_t, r_t = 1 - b, -b * u, b, (1 - b) * u
+    elif code == JSD:  # beta KL(p||m) + (1 - beta) KL(q||m), m = beta p + (1 - beta) q
+        # log q/m = -log(1 - beta) - softplus(u + logit(beta)); log p/m = -log(beta) - softplus(-logit - u):
+        # relative to their value where the other distribution vanishes, the dominant entries
+        # (ratio ~ 1) carry no cancellation in the gradients
+        b = param
+        logit_b = math.log(b) - math.log1p(-b)
+        rq = F.softplus(u + logit_b).neg_()     # log q/m + log(1 - beta)
+        rp = F.softplus(-logit_b - u).neg_()    # log p/m + log(beta)
+        if normalized:  # sum p = sum q = 1
+            D = b * (sum_mul0(p, rp) - math.log(b)) + (1 - b) * (sum_mul0(q, rq) - math.log1p(-b))
+        else:
+            D = b * sum_mul0(p, rp - math.log(b)) + (1 - b) * sum_mul0(q, rq - math.log1p(-b))
+        r_s, r_t = rq.mul_(1 - b), rp.mul_(b)
+    elif code == TVD:
+        D = accurate_divergence(code, param, p, lq, q, u)
+        r_s = torch.sign(q - p).mul_(0.5)
+        r_t = r_s.neg()
+    elif code in (SKEW_KL, SKEW_REVERSE_KL):
+        a = param
+        w, v, uw = (p, q, u) if code == SKEW_KL else (q, p, -u)   # KL(w || a w + (1 - a) v)
+        x = log_w_over_mix(uw, a)
+        ratio = torch.exp(x)                                      # w / m
+        D = sum_mul0(w, x)
+        r_w, r_v = x - a * ratio, ratio.mul_(-(1 - a))
+        r_t, r_s = (r_w, r_v) if code == SKEW_KL else (r_v, r_w)
+    else:
+        raise ValueError(f"unknown divergence code {code}")
+    return D, (c_s, r_s), (c_t, r_t)
+
+
+# kappa_s, kappa_t per divergence: the true partial derivatives of the separable D = sum f(p_i, q_i)
+# are  df/dq = r_s - c_s p/q + kappa_s  and  df/dp = r_t - c_t q/p + kappa_t  (the gradient form
+# above drops these constants, which cancel whenever p and q each sum to 1; a clamped top-k tail
+# breaks that, see topk_bins).
+_KAPPA = {KL: (0.0, 1.0), SOFT_CE: (0.0, 0.0), REVERSE_KL: (1.0, 0.0), JSD: (0.0, 0.0), TVD: (0.0, 0.0),
+          SKEW_KL: (0.0, 1.0), SKEW_REVERSE_KL: (1.0, 0.0)}
+
+
+def kappa(code: int, param: float) -> tuple[float, float]:
+    if code == SYMMETRIC_KL:
+        return param, 1.0 - param
+    if code == JSD:  # r_s, r_t of jsd carry log(1 - beta), log(beta) (see terms)
+        return -(1 - param) * math.log1p(-param), -param * math.log(param)
+    return _KAPPA[code]
+
+
+def split_accurate(code: int, param: float, D, p, lq, q, u, plain=None) -> torch.Tensor:
+    """D with the accurate form wherever the plain sum may have cancelled (module docstring).
+    plain [rows, 1] bool: rows that keep the plain sum (their p or q does not sum to 1, which the
+    accurate forms assume)."""
+    if code not in _CANCELLING:
+        return D
+    if D.device.type != "cpu":
+        acc = accurate_divergence(code, param, p, lq, q, u)
+        return acc if plain is None else torch.where(plain, D, acc)
+    low = (D.abs() < ACCURATE_BELOW).squeeze(-1)
+    if plain is not None:
+        low &= ~plain.squeeze(-1)
+    if bool(low.any()):
+        idx = low.nonzero().squeeze(-1)
+        D = D.clone()
+        D[idx] = accurate_divergence(code, param, p[idx], None if lq is None else lq[idx], q[idx], u[idx])
+    return D
+
+
+def row_sum(w, r):
+    """sum w r over the block's columns (0 where w == 0), keepdim; 0 when r is unused."""
+    return torch.zeros_like(w[..., :1]) if r is None else sum_mul0(w, r)
+
+
+def grad(w, v, c, r, G, out=None):
+    """c (w - v) + w (r - G), G = sum w r over the whole row: the gradient w.r.t. the logits of
+    w = softmax (a term is 0 where w is, even when G is infinite). Into `out` when given."""
+    if r is None:
+        g = torch.sub(w, v, out=out)
+        return g if c == 1.0 else g.mul_(c)
+    g = torch.sub(r, G, out=out).mul_(w).masked_fill_(w == 0, 0.0)
+    return g.add_(w - v, alpha=c) if c else g
+
+
+# ---- sparse (top-k) teachers: a divergence over a few bins ------------------------------------
+
+FULL, RENORMALIZED, TAIL = 0, 1, 2  # kdkernels.teachers.TOPK_MODES
+TAIL_MIN = -math.expm1(-1e-7)  # TRL's clamp of a tail bin: log sum exp(entries) <= -1e-7
+
+
+def topk_bins(code: int, param: float, mode: int, P, lP, B, lB, rest, teacher: bool):
+    """(D [rows, 1], g_ids [rows, k], rest_coef [rows, 1], dlp [rows, k] or None) against a sparse
+    teacher whose k entries are bins of their own (absent entries: P = B = 0, never read).
+
+    P, lP: the teacher's probabilities at the entries (full / renormalized: a softmax over the
+    present ones; tail: the given exp(logprobs)); B, lB: the student's (renormalized: a softmax
+    over the present ids; otherwise q = softmax(s / T) at the ids); rest [rows, 1]: the student's
+    mass off the present ids (None in renormalized mode). In full and tail mode one more bin
+    holds the rest of the vocabulary (teacher mass 0, resp. the tail 1 - sum P; each tail at
+    least TAIL_MIN, as TRL clamps it, and constant where clamped).
+
+    Every divergence here is a sum of f(P_b, B_b) over bins, and on the rest bin of full mode,
+    where P = 0, f(0, q) is linear in q, so the bins give the same value and gradient as the
+    whole vocabulary. With the true partials h = df/dB (kappa), w_b = B_b h_b, and G the sum of
+    w over the bins that depend on s: d D / ds'_j = q_j (h_bin(j) - G) (clamped tail: its bin is
+    a constant). g_ids is d D / ds' at the ids, rest_coef the factor of q_j on every other
+    column. dlp: d D / dt' (full, renormalized: t' = logprobs * teacher_temperature / T) or
+    d D / d logprobs (tail).
+    """
+    k = P.shape[-1]
+    kap_s, kap_t = kappa(code, param)
+    if mode == RENORMALIZED:
+        Pb, lPb, Bb, lBb = P, lP, B, lB
+    else:
+        if mode == TAIL:
+            lse = torch.logsumexp(lP, -1, keepdim=True)
+            clamped_t = lse > -1e-7
+            p_tail = -torch.expm1(lse.clamp(max=-1e-7))
+            clamped_s = rest < TAIL_MIN
+            b_tail = rest.clamp(min=TAIL_MIN)
+        else:
+            p_tail = torch.zeros_like(rest)
+            b_tail = rest
+        Pb, Bb = torch.cat([P, p_tail], -1), torch.cat([B, b_tail], -1)
+        lPb, lBb = torch.cat([lP, p_tail.log()], -1), torch.cat([lB, b_tail.log()], -1)
+    u = lPb - lBb
+    plain = (clamped_t | clamped_s) if mode == TAIL else None  # a clamped tail: masses need not sum to 1
+    D, (c_s, r_s), (c_t, r_t) = terms(code, param, Pb, lBb, Bb, u, normalized=plain is None)
+    D = split_accurate(code, param, D, Pb, lBb, Bb, u, plain)
+    # student side: w = B h (true partials), G over the bins that depend on s
+    w = (mul0(Bb, r_s) if r_s is not None else torch.zeros_like(Bb)) - c_s * Pb + kap_s * Bb
+    if mode == RENORMALIZED:
+        G = w.sum(-1, keepdim=True)
+        g_ids, rest_coef = w - Bb * G, torch.zeros_like(G)
+    else:
+        h_rest = torch.where(Bb[..., k:] > 0, w[..., k:] / Bb[..., k:], 0.0)
+        G_all = w.sum(-1, keepdim=True)
+        if mode == TAIL:
+            G = torch.where(clamped_s, w[..., :k].sum(-1, keepdim=True), G_all)
+            rest_coef = torch.where(clamped_s, -G, h_rest - G)
+        else:
+            G = G_all
+            rest_coef = h_rest - G
+        g_ids = w[..., :k] - Bb[..., :k] * G
+    dlp = None
+    if teacher:
+        wt = (mul0(Pb, r_t) if r_t is not None else torch.zeros_like(Pb)) - c_t * Bb + kap_t * Pb
+        wt_ids = torch.where(Pb[..., :k] == 0, 0.0, wt[..., :k])  # absent entries: no gradient
+        if mode == TAIL:  # d D / d logprobs: P_i h_i - P_i h_tail (the tail moves only where not clamped)
+            h_tail = wt[..., k:] / Pb[..., k:]
+            dlp = wt_ids - torch.where(clamped_t, 0.0, Pb[..., :k] * h_tail)
+        else:  # d D / dt' of a softmax over the present entries
+            dlp = wt_ids - Pb[..., :k] * wt_ids.sum(-1, keepdim=True)
+    return D, g_ids, rest_coef, dlp
