@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from kdkernels.backends import triton_backend as TB  # noqa: E402
+from kdkernels.backends import cuda_backend, triton_backend as TB, tuned  # noqa: E402
 
 from conftest import assert_matches_reference, make_inputs  # noqa: E402
 
@@ -30,7 +30,7 @@ def table(tmp_path, monkeypatch):
         path = tmp_path / "table.json"
         path.write_text(json.dumps({"entries": entries}))
         monkeypatch.setenv("KDKERNELS_TUNING_TABLE", str(path))
-        TB._TABLE.pop(str(path), None)
+        tuned._CACHE.pop(str(path), None)
         return path
     return write
 
@@ -41,15 +41,19 @@ def _rule(N, V):
 
 
 def test_committed_table_is_well_formed():
-    with open(TB.TUNING_TABLE) as f:
+    with open(tuned.TABLE) as f:
         data = json.load(f)
     for e in data["entries"]:
-        assert {"device", "V", "min_rows", "block", "num_warps"} <= set(e), e
-        assert e["block"] & (e["block"] - 1) == 0 and e["num_warps"] in (1, 2, 4, 8, 16, 32), e
+        assert {"backend", "device", "V", "min_rows"} <= set(e), e
+        if e["backend"] == "triton":
+            assert e["block"] & (e["block"] - 1) == 0 and e["num_warps"] in (1, 2, 4, 8, 16, 32), e
+        else:
+            assert e["backend"] == "cuda" and e["path"] in ("auto", "nocluster", "twopass"), e
 
 
 def test_entry_replaces_block_and_warps(table):
-    table([{"device": H200, "V": 128256, "min_rows": 528, "block": 2048, "num_warps": 4}])
+    table([{"backend": "triton", "device": H200, "V": 128256, "min_rows": 528, "block": 2048, "num_warps": 4},
+           {"backend": "cuda", "device": H200, "V": 32000, "min_rows": 528, "path": "twopass"}])
     with TB.tuning(sms=132, device_name=H200):
         cfg = TB.launch_config(16384, 128256, CPU)
         assert (cfg.block, cfg.num_warps, cfg.splits, cfg.span, cfg.one_block) == (2048, 4, 1, 128256, False)
@@ -70,7 +74,7 @@ def test_no_entry_keeps_the_rule(table):
 
 
 def test_table_off_and_explicit_overrides_win(table, monkeypatch):
-    table([{"device": H200, "V": 128256, "min_rows": 1, "block": 2048, "num_warps": 4}])
+    table([{"backend": "triton", "device": H200, "V": 128256, "min_rows": 1, "block": 2048, "num_warps": 4}])
     with TB.tuning(sms=132, device_name=H200, loop_block=1024):  # a benchmark's forced block
         assert TB.launch_config(16384, 128256, CPU).block == 1024
     monkeypatch.setenv("KDKERNELS_TUNING_TABLE", "0")
@@ -83,7 +87,7 @@ def test_tuned_launch_matches_reference(table, divergence):
     """A table entry's block and warps reach the kernel and give the reference's numbers
     (tiny sizes: one_block_max lowered so that V = 300 streams in 64-column blocks)."""
     V = 300
-    table([{"device": H200, "V": V, "min_rows": 1, "block": 64, "num_warps": 2}])
+    table([{"backend": "triton", "device": H200, "V": V, "min_rows": 1, "block": 64, "num_warps": 2}])
     s, t, y = make_inputs((6, V), torch.float32, labels=True, generator=torch.Generator().manual_seed(3))
     if DEVICE == "cuda":
         s, t, y = s.cuda(), t.cuda(), y.cuda()
@@ -96,3 +100,16 @@ def test_tuned_launch_matches_reference(table, divergence):
         assert [(L.meta["BLOCK"], L.meta["num_warps"]) for L in launches] == [(64, 2)]
         assert_matches_reference(s, t, y, backend="triton", divergence=divergence, temperature=2.0,
                                  hard_weight=0.5)
+
+
+def test_cuda_path_from_the_table(table, monkeypatch):
+    """The CUDA backend's path (largest cluster) comes from a table entry when
+    KDKERNELS_CUDA_PATH is unset; the variable still wins; no entry: auto (clusters of 8)."""
+    table([{"backend": "cuda", "device": H200, "V": 32000, "min_rows": 528, "path": "twopass"},
+           {"backend": "triton", "device": H200, "V": 128256, "min_rows": 1, "block": 2048, "num_warps": 4}])
+    monkeypatch.delenv("KDKERNELS_CUDA_PATH", raising=False)
+    assert cuda_backend.max_cluster_for(H200, 16384, 32000) == 0
+    assert cuda_backend.max_cluster_for(H200, 100, 32000) == 8          # fewer rows than tuned for
+    assert cuda_backend.max_cluster_for(H200, 16384, 128256) == 8       # a Triton entry only
+    monkeypatch.setenv("KDKERNELS_CUDA_PATH", "nocluster")
+    assert cuda_backend.max_cluster_for(H200, 16384, 32000) == 1

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import DIVERGENCES
+from . import DIVERGENCES, tuned
 
 NAME = "triton"
 
@@ -118,28 +118,6 @@ def _sm_count(device: torch.device) -> int:
     return _INTERPRETER_SMS
 
 
-# The tuning table: launch configurations that a GPU run measured fastest (bench/gpu_run.sh's
-# "tune" stage writes it), per device name and vocabulary size, for the streaming one-program-
-# per-row regime (N >= min_rows, V > ONE_BLOCK_MAX). Without an entry, the rule below stands.
-TUNING_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuning_table.json")
-_TABLE: dict = {}
-
-
-def _table_entries() -> list:
-    """The table's entries, read once per path (KDKERNELS_TUNING_TABLE: another file, or 0: none)."""
-    path = os.environ.get("KDKERNELS_TUNING_TABLE", TUNING_TABLE)
-    if path == "0":
-        return []
-    if path not in _TABLE:
-        import json
-        try:
-            with open(path) as f:
-                _TABLE[path] = json.load(f).get("entries", [])
-        except FileNotFoundError:
-            _TABLE[path] = []
-    return _TABLE[path]
-
-
 def _device_name(device: torch.device) -> str | None:
     if "device_name" in _TUNING:
         return _TUNING["device_name"]
@@ -149,14 +127,11 @@ def _device_name(device: torch.device) -> str | None:
 
 
 def tuned_entry(N: int, V: int, device: torch.device) -> dict | None:
-    """The tuning table's entry for this device, V and N (None: the block rule decides)."""
-    name = _device_name(device)
-    if name is None or _TUNING.get("no_table"):
+    """The tuning table's entry (backends/tuned.py) for this device, V and N (None: the block
+    rule decides). The table holds what a GPU run measured fastest in the streaming regime."""
+    if _TUNING.get("no_table"):
         return None
-    for e in _table_entries():
-        if e["device"] == name and e["V"] == V and N >= e["min_rows"]:
-            return e
-    return None
+    return tuned.lookup(NAME, _device_name(device), N, V)
 
 
 def launch_config(N: int, V: int, device: torch.device) -> LaunchConfig:
