@@ -113,3 +113,14 @@ def test_cuda_path_from_the_table(table, monkeypatch):
     assert cuda_backend.max_cluster_for(H200, 16384, 128256) == 8       # a Triton entry only
     monkeypatch.setenv("KDKERNELS_CUDA_PATH", "nocluster")
     assert cuda_backend.max_cluster_for(H200, 16384, 32000) == 1
+
+
+def test_tune_winner_needs_a_margin_and_a_matching_loss():
+    """bench/gpu_run.sh's tune stage writes an entry only for a configuration that beats the
+    rule by more than the margin on average over the divergences, with the rule's loss."""
+    from kdkernels.bench.tune import _winner
+    rule, other, worse = (4096, 8), (2048, 4), (8192, 16)
+    assert _winner({rule: [10.0, 20.0], other: [9.0, 18.0], worse: [11.0, 30.0]}, rule, 0.03) == other
+    assert _winner({rule: [10.0, 20.0], other: [9.9, 19.8]}, rule, 0.03) is None       # within the margin
+    assert _winner({rule: [10.0, 20.0], other: [5.0, float("inf")]}, rule, 0.03) is None  # wrong loss once
+    assert _winner({rule: [float("inf")], other: [1.0]}, rule, 0.03) is None            # the rule itself failed

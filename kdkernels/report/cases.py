@@ -7,7 +7,6 @@ num_warps and grids below are the launcher's, whatever it becomes.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -34,47 +33,55 @@ class Case:
     def elements(self) -> int:
         return self.N * self.V
 
-    def launches(self) -> list:
-        """The backend's Launch records for this case (meta tensors; H200 launch rule)."""
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.params.get("dtype", DTYPE)
+
+    def launches(self, device: dict | None = None) -> list:
+        """The backend's Launch records for this case, on meta tensors, under the launch rule of
+        `device` ({"sms": .., "device_name": ..}; default an H200) and the case's own launch-rule
+        overrides (params["tuning"], as triton_backend.tuning takes them)."""
         from ..backends import triton_backend as TB
         if TB._interpreting():
             raise RuntimeError("the kernel report needs compiled Triton: unset TRITON_INTERPRET")
-        with device_rule():
+        rule = device or dict(sms=DEVICE_SMS, device_name=DEVICE_NAME)
+        with TB.tuning(**{**rule, **self.params.get("tuning", {})}):
             return _BUILDERS[self.family](self)
-
-
-@contextlib.contextmanager
-def device_rule():
-    from ..backends import triton_backend as TB
-    with TB.tuning(sms=DEVICE_SMS, device_name=DEVICE_NAME):
-        yield
 
 
 def _meta(*shape, dtype=DTYPE):
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def _kd_common(c: Case) -> dict:
+def kd_options(c: Case) -> dict:
+    """kd_loss's keyword arguments for a case (what a run passes; cases.py builds the same)."""
     p = c.params
-    return dict(teacher_is_probs=False, temperature=p.get("temperature", 2.0),
-                divergence=DIVERGENCES.index(p["divergence"]), beta=0.5,
-                soft_scale=p.get("temperature", 2.0) ** 2, hard_weight=p.get("hard_weight", 0.0),
-                ignore_index=-100)
+    return dict(temperature=p.get("temperature", 2.0), divergence=p["divergence"], beta=0.5,
+                hard_weight=p.get("hard_weight", 0.0))
+
+
+def _kd_common(c: Case) -> dict:
+    o = kd_options(c)
+    return dict(teacher_is_probs=c.params.get("teacher_probs", False), temperature=o["temperature"],
+                divergence=DIVERGENCES.index(o["divergence"]), beta=o["beta"],
+                soft_scale=o["temperature"] ** 2, hard_weight=o["hard_weight"], ignore_index=-100)
 
 
 def _teacher(c: Case):
     stride = c.params.get("teacher_stride", c.V)
-    return _meta(c.N, stride)[:, :c.V]
+    return _meta(c.N, stride, dtype=c.dtype)[:, :c.V]
 
 
 def _kd(c: Case):
     from ..backends import triton_backend as TB
-    s, t, y = _meta(c.N, c.V), _teacher(c), _meta(c.N, dtype=torch.int64)
+    s, t = _meta(c.N, c.V, dtype=c.dtype), _teacher(c)
+    y = _meta(c.N, dtype=torch.int64) if c.params.get("labels", True) else None
     tg = c.params.get("teacher_grad", False)
-    gt = _meta(c.N, c.V) if tg else _meta(0)
+    gt = _meta(c.N, c.V, dtype=c.dtype) if tg else _meta(0, dtype=c.dtype)
     ensemble = None
     if c.family == "ensemble":
-        ensemble = [(t, 0.5)] + [(_meta(c.N, c.V), 0.5 / (c.params["teachers"] - 1))] * (c.params["teachers"] - 1)
+        k = c.params["teachers"]
+        ensemble = [(t, 0.5)] + [(_meta(c.N, c.V, dtype=c.dtype), 0.5 / (k - 1))] * (k - 1)
     launches, _ = TB.kd_launches(s, t, y, torch.empty_like(s), gt, teacher_grad=tg, ensemble=ensemble,
                                  **_kd_common(c))
     return launches
@@ -83,21 +90,22 @@ def _kd(c: Case):
 def _topk(c: Case):
     from ..backends import triton_backend as TB
     k = c.params["k"]
-    s, y, loss = _meta(c.N, c.V), _meta(c.N, dtype=torch.int64), _meta(c.N, dtype=torch.float32)
-    ids, lp = _meta(c.N, k, dtype=torch.int64), _meta(c.N, k)
+    s, loss = _meta(c.N, c.V, dtype=c.dtype), _meta(c.N, dtype=torch.float32)
+    y = _meta(c.N, dtype=torch.int64) if c.params.get("labels", True) else None
+    ids, lp = _meta(c.N, k, dtype=torch.int64), _meta(c.N, k, dtype=c.dtype)
     tg = c.params.get("teacher_grad", False)
     kw = _kd_common(c)
     del kw["teacher_is_probs"]
-    return TB.topk_launches(s, ids, lp, y, loss, torch.empty_like(s), _meta(c.N, k) if tg else loss,
+    return TB.topk_launches(s, ids, lp, y, loss, torch.empty_like(s), _meta(c.N, k, dtype=c.dtype) if tg else loss,
                             teacher_grad=tg, **kw)
 
 
 def _softmax(c: Case):
     from ..backends import triton_backend as TB
-    x = _meta(c.N, c.V)
+    x = _meta(c.N, c.V, dtype=c.dtype)
     if c.family == "softmax_fwd":
         return [TB.softmax_forward_launch(x, torch.empty_like(x), 2.0, c.params["log"])]
-    return [TB.softmax_backward_launch(x, _meta(c.N, c.V), torch.empty_like(x), 2.0, c.params["log"])]
+    return [TB.softmax_backward_launch(x, torch.empty_like(x), torch.empty_like(x), 2.0, c.params["log"])]
 
 
 _BUILDERS = {"kd": _kd, "ensemble": _kd, "topk": _topk, "softmax_fwd": _softmax, "softmax_bwd": _softmax}
