@@ -49,8 +49,8 @@ export KDKERNELS_CUDA_JIT=0          # the prebuilt extension or none: a JIT bui
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=$JOBS NVCC_THREADS=${NVCC_THREADS:-2}
 
 # Planned limits (s). "broad" gets whatever the others leave of $PLAN at run time.
-declare -A LIMIT=([environment]=15 [precompile]=45 [build]=75 [smoke]=30 [bench]=120 [fused_linear]=25
-                  [tune]=40 [subset]=60)
+declare -A LIMIT=([environment]=15 [precompile]=45 [build]=75 [smoke]=30 [bench]=120 [fused_linear]=30
+                  [tune]=40 [subset]=55)
 ORDER=(environment precompile build smoke bench fused_linear tune subset broad)
 planned=0; for s in "${!LIMIT[@]}"; do planned=$(( planned + LIMIT[$s] )); done
 LIMIT[broad]=$(( PLAN - planned > 0 ? PLAN - planned : 0 ))
@@ -156,7 +156,7 @@ pytest_stage() {  # pytest_stage NAME SELECTION...: per-test JSON lines + junit 
   local name=$1; shift
   local extra=()
   "$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout=120)
-  [ "$name" = broad ] && [ "$MODE" = run ] && "$PY" -c "import xdist" 2>/dev/null && extra+=(-n 4)
+  [ "$name" = broad ] && [ "$MODE" = run ] && "$PY" -c "import xdist" 2>/dev/null && extra+=(-n 4 --dist loadfile)
   export KD_TEST_LOG="$STAGES/$name-tests.jsonl"
   stage "$name" "$name.log" "$PY" -m pytest -q -rfE -p no:cacheprovider \
     -p kdkernels.bench.pytest_stage_log --junitxml="$STAGES/$name.xml" ${extra[@]+"${extra[@]}"} "$@"
