@@ -110,11 +110,15 @@ def test_bitwise_deterministic(backend):
         outs = []
         for _ in range(2):
             x = s.detach().clone().requires_grad_()
+            tt = t.detach().clone().requires_grad_(case.params["teacher_grad"])  # the case's specialisation
             with _rule(case, backend):
-                loss = kdkernels.kd_loss(x, t, y, backend=backend, **kd_options(case))
+                loss = kdkernels.kd_loss(x, tt, y, backend=backend, **kd_options(case))
                 loss.backward()
-            outs.append((loss.detach(), x.grad))
+            outs.append((loss.detach(), x.grad, tt.grad))
         assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]), case.name
+        assert (outs[0][2] is None) == (not case.params["teacher_grad"])
+        if outs[0][2] is not None:
+            assert torch.equal(outs[0][2], outs[1][2]), case.name
 
 
 def test_backends_agree():
