@@ -24,7 +24,7 @@ def _ms(r):
 def _triton_table(rows) -> list:
     out = ["| case | V | launches (PHASE, BLOCK, num_warps) | regs | spills | smem B | warps/SM (limit) | "
            "hot-loop global loads / stores per iteration, each pass | instr/col | MUFU/col (ex2) | BAR/col | "
-           "B/elem HBM | floors ms: memory / MUFU / issue | bound |",
+           "B/elem HBM | predicted floors ms: memory / MUFU / issue | bound |",
            "|---|---:|---|---:|---|---:|---|---|---:|---:|---:|---:|---|---|"]
     for r in rows:
         ls = r["launches"]
@@ -53,7 +53,7 @@ def _cuda_tables(rows, facts) -> list:
         out.append(f"| {label} | {k['regs']} | {spill} | {k['local_bytes']} B, {k['local_ops']} LDL/STL | "
                    f"{k['static_smem']} | {mem} | {', '.join(_f(p['cols_per_thread'], 0) for p in k['passes'])} |")
     out += ["", "| case | V | plan (cluster, resident, threads, dyn smem) | warps/SM (limit) | passes | "
-            "instr/col: upper bound (lower) | MUFU/col (upper bound) | B/elem HBM | floors ms: memory / MUFU / issue | bound |",
+            "instr/col: upper bound (lower) | MUFU/col (upper bound) | B/elem HBM | predicted floors ms: memory / MUFU / issue | bound |",
             "|---|---:|---|---|---|---:|---:|---:|---|---|"]
     for r in rows:
         p = r["plan"]
@@ -103,14 +103,14 @@ def markdown(report: dict) -> str:
         "N V B/elem / 4.3 TB/s; MUFU = N V MUFU/col / 4.2e12; issue = N V instr/col / 32 / (4 x 132 x "
         "1.98e9). *bound*: the largest floor. Occupancy: CTAs per SM from registers (allocated per warp "
         "in 256s), shared memory (the 1 KB per CTA reserve included) and 64 warp slots.", "",
-        "## Issue 12 goal (part 2), headline cases", "", *goal_table(trows), "",
-        "## Triton: headline cases", "", *_triton_table([r for r in trows if r["headline"]]), "",
-        "## Triton: other launch paths and kernels", "", *_triton_table([r for r in trows if not r["headline"]]), "",
+        "## Issue 12 goal (part 2), headline cases (predicted)", "", *goal_table(trows), "",
+        "## Triton: headline cases (predicted)", "", *_triton_table([r for r in trows if r["headline"]]), "",
+        "## Triton: other launch paths and kernels (predicted)", "", *_triton_table([r for r in trows if not r["headline"]]), "",
     ]
     if report.get("cuda_error"):
         lines += ["## CUDA C++", "", f"not reported: {report['cuda_error']}", ""]
     else:
-        lines += ["## CUDA C++ kernels", "",
+        lines += ["## CUDA C++ kernels (predicted)", "",
                   "Per-column counts follow each pass loop's longest 16-byte path with every runtime option "
                   "taken (hard labels at T != 1, teacher gradient): an **upper bound** for cases without them "
                   "(in brackets: the shortest 16-byte path, a lower bound); the issue floor uses the upper "
