@@ -8,6 +8,8 @@ Environment switches:
     KDKERNELS_SKIP_CUDA_BUILD=1    never build the extension here
     KDKERNELS_CUDA_ARCHS="80;90"   compute capabilities to generate code for (default "80;90";
                                    "90a" etc. accepted); PTX for the last one is embedded too
+    TORCH_CUDA_ARCH_LIST="9.0"     used when KDKERNELS_CUDA_ARCHS is unset (torch's spelling:
+                                   PTX only for entries with +PTX), e.g. sm_90 alone on an H200
     MAX_JOBS=N                     parallel compile jobs (ninja, read by torch.utils.cpp_extension)
     NVCC_THREADS=N                 nvcc --threads per job (default 2)
 
@@ -44,12 +46,13 @@ class BuildPyWithSources(build_py):
                 self.copy_file(str(f), str(dst / f.name))
 
 
-def _arch_flags(archs: str) -> list:
-    names = [a.strip().replace(".", "") for a in archs.replace(",", ";").replace(" ", ";").split(";") if a.strip()]
-    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in names]
-    if names:
-        flags.append(f"-gencode=arch=compute_{names[-1]},code=compute_{names[-1]}")
-    return flags
+def _arch_flags() -> tuple:
+    """kdkernels/_cuda_build.py's cuda_arch_flags (loaded by path: no package import here)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_kdk_cuda_build", ROOT / "kdkernels" / "_cuda_build.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.cuda_arch_flags("80;90")
 
 
 def cuda_extension():
@@ -70,17 +73,17 @@ def cuda_extension():
     if not CUDA_HOME or not (Path(CUDA_HOME) / "bin" / "nvcc").exists():
         _note(f"no nvcc under CUDA_HOME={CUDA_HOME!r}: building without the CUDA extension (set CUDA_HOME)")
         return [], {}
-    archs = os.environ.get("KDKERNELS_CUDA_ARCHS", "80;90")
+    flags, origin = _arch_flags()
     nvcc_threads = os.environ.get("NVCC_THREADS", "2")
     sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cu")) + ["csrc/bindings.cpp"]
-    _note(f"building the CUDA extension for {archs} with {CUDA_HOME}/bin/nvcc")
+    _note(f"building the CUDA extension with {CUDA_HOME}/bin/nvcc for {origin}: {' '.join(flags)}")
     ext = CUDAExtension(
         name="kdkernels._cuda_ops",
         sources=sources,
         include_dirs=[str(CSRC)],
         extra_compile_args={
             "cxx": ["-O3"],
-            "nvcc": ["-O3", f"--threads={nvcc_threads}", *_arch_flags(archs)],
+            "nvcc": ["-O3", f"--threads={nvcc_threads}", *flags],
         },
     )
     return [ext], {"build_ext": BuildExtension}

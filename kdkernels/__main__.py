@@ -1,4 +1,4 @@
-"""Command line: python -m kdkernels {info,check,bench,demo} [options]; --help on each."""
+"""Command line: python -m kdkernels {info,check,bench,report,demo} [options]; --help on each."""
 from __future__ import annotations
 
 import importlib
@@ -9,6 +9,7 @@ COMMANDS = {
     "info": ("kdkernels.cli", "versions, devices, which backends can run here and why not"),
     "check": ("kdkernels.cli", "every available backend against the float64 reference: a PASS/FAIL table"),
     "bench": ("kdkernels.bench", "forward+backward time, peak memory and error of every backend and peer"),
+    "report": ("kdkernels.report", "registers, spills, SASS and predicted H200 floors of every kernel (no GPU needed)"),
     "demo": ("kdkernels.demo", "the lessons of knowledge distillation, reproduced on handwritten digits"),
 }
 

@@ -12,8 +12,12 @@ Order, tried once per process:
 Environment switches:
     KDKERNELS_CUDA_PREBUILT=0   ignore the prebuilt extension
     KDKERNELS_CUDA_JIT=0        never compile just in time
-    KDKERNELS_CUDA_ARCHS="90"   JIT architectures (default: the current GPU's compute capability)
+    KDKERNELS_CUDA_ARCHS="90"   architectures (PTX of the last one embedded too); else
+    TORCH_CUDA_ARCH_LIST="9.0"  torch's spelling (PTX only for an entry with +PTX); else the JIT
+                                builds for the current GPU, setup.py for 80;90 (cuda_arch_flags)
     KDKERNELS_CUDA_VERBOSE=1    show the JIT compiler output
+
+No torch import at module level: setup.py loads this file by path for cuda_arch_flags.
 """
 from __future__ import annotations
 
@@ -44,14 +48,34 @@ def prebuilt_path() -> Path | None:
     return found[0] if found else None
 
 
-def arch_flags(archs: str) -> list[str]:
-    """'80;90' (or '8.0 9.0', '90a') -> nvcc -gencode flags, with PTX for the last one."""
-    names = [a.strip().replace(".", "") for a in archs.replace(",", ";").replace(" ", ";").split(";") if a.strip()]
-    if not names:
+def arch_flags(archs: str, ptx: str | None = "last") -> list[str]:
+    """'80;90' (or '8.0 9.0', '90a') -> nvcc -gencode flags; ptx="last": PTX for the last one
+    too; ptx=None: none; otherwise "+PTX" suffixes (torch's TORCH_CUDA_ARCH_LIST spelling) say
+    which get PTX."""
+    items = [a.strip() for a in archs.replace(",", ";").replace(" ", ";").split(";") if a.strip()]
+    names = [a.upper().removesuffix("+PTX").lower().replace(".", "") for a in items]
+    if not names or not all(n[:2].isdigit() for n in names):
         raise ValueError(f"no CUDA architecture in {archs!r}")
     flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in names]
-    flags.append(f"-gencode=arch=compute_{names[-1]},code=compute_{names[-1]}")
+    with_ptx = [names[-1]] if ptx == "last" else [] if ptx is None else \
+        [n for n, a in zip(names, items) if a.upper().endswith("+PTX")]
+    flags += [f"-gencode=arch=compute_{a},code=compute_{a}" for a in with_ptx]
     return flags
+
+
+def cuda_arch_flags(default: str | None, environ=os.environ) -> tuple[list[str], str]:
+    """(nvcc -gencode flags, where they came from): KDKERNELS_CUDA_ARCHS (PTX for the last),
+    else TORCH_CUDA_ARCH_LIST (PTX where it says +PTX), else `default` (PTX for the last; None:
+    no flags, the caller decides)."""
+    ours = environ.get("KDKERNELS_CUDA_ARCHS", "").strip()
+    if ours:
+        return arch_flags(ours), f"KDKERNELS_CUDA_ARCHS={ours}"
+    torch_list = environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if torch_list:
+        return arch_flags(torch_list, ptx="suffix"), f"TORCH_CUDA_ARCH_LIST={torch_list}"
+    if default is None:
+        return [], "default"
+    return arch_flags(default), f"default {default}"
 
 
 def _jit_blocker() -> str | None:
@@ -81,21 +105,22 @@ def _jit_build() -> str:
     import torch
     from torch.utils import cpp_extension
 
-    archs = os.environ.get("KDKERNELS_CUDA_ARCHS", "").strip()
-    if not archs:
+    flags, _ = cuda_arch_flags(None)
+    if not flags:  # neither variable set: this GPU only
         major, minor = torch.cuda.get_device_capability()
-        archs = f"{major}{minor}"
+        flags = arch_flags(f"{major}{minor}")
+    archs = ";".join(f.split("code=")[1] for f in flags)
     src = source_dir()
     cpp_extension.load(
         name=JIT_NAME,
         sources=[str(src / f) for f in SOURCES],
         extra_include_paths=[str(src)],
         extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3", *arch_flags(archs)],
+        extra_cuda_cflags=["-O3", *flags],
         is_python_module=False,
         verbose=os.environ.get("KDKERNELS_CUDA_VERBOSE", "0") == "1",
     )
-    return f"compiled just in time for sm_{archs.replace(';', ',sm_')} (cached by torch.utils.cpp_extension)"
+    return f"compiled just in time for {archs.replace(';', ', ')} (cached by torch.utils.cpp_extension)"
 
 
 def _registered() -> bool:

@@ -21,6 +21,7 @@ import os
 import torch
 
 from .. import _cuda_build
+from . import tuned
 
 NAME = "cuda"
 PATH_ENV = "KDKERNELS_CUDA_PATH"
@@ -34,6 +35,21 @@ def max_cluster() -> int:
     if value not in _MAX_CLUSTER:
         raise ValueError(f"environment variable {PATH_ENV}={value!r} is not one of {tuple(_MAX_CLUSTER)}")
     return _MAX_CLUSTER[value]
+
+
+def max_cluster_for(device_name: str | None, N: int, V: int) -> int:
+    """max_cluster(), except that without KDKERNELS_CUDA_PATH a tuning-table entry for this
+    device and size (backends/tuned.py: the path a GPU run measured fastest) decides."""
+    if not os.environ.get(PATH_ENV, "").strip():
+        entry = tuned.lookup(NAME, device_name, N, V)
+        if entry is not None:
+            return _MAX_CLUSTER[entry["path"]]
+    return max_cluster()
+
+
+def _max_cluster_of(student) -> int:
+    name = torch.cuda.get_device_name(student.device) if student.is_cuda else None
+    return max_cluster_for(name, student.shape[0], student.shape[-1])
 
 
 def available(device: torch.device) -> str | None:
@@ -89,7 +105,7 @@ def kd_forward(student, teacher, labels, *, teacher_is_probs, temperature, diver
     """Fused per-row loss and gradients (see kdkernels.ops.kd_fused for the contract)."""
     return _ops().kd_fused(student, teacher, labels, bool(teacher_is_probs), float(temperature),
                            int(divergence), float(beta), float(soft_scale), float(hard_weight),
-                           int(ignore_index), bool(teacher_grad), max_cluster())
+                           int(ignore_index), bool(teacher_grad), _max_cluster_of(student))
 
 
 # Top-k teachers: the k entries of a row are held in shared memory (csrc/kd_launch.h kTopkMaxK);
@@ -125,7 +141,7 @@ def kd_topk_forward(student, ids, logprobs, labels, *, temperature, divergence, 
 def plan(student, teacher, *, teacher_is_probs=False, divergence=0) -> dict:
     """How kd_forward would run on these inputs (host-side query, launches nothing)."""
     c, threads, resident, slice_, smem, rows = _ops().kd_plan(student, teacher, bool(teacher_is_probs),
-                                                              int(divergence), max_cluster())
+                                                              int(divergence), _max_cluster_of(student))
     path = ("cluster" if c > 1 else "on-chip") if resident else "streaming"
     return dict(path=path, cluster=c, threads=threads, resident=bool(resident), slice=slice_,
                 smem_bytes=smem, rows_per_launch=rows)

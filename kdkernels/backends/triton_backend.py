@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import DIVERGENCES
+from . import DIVERGENCES, tuned
 
 NAME = "triton"
 
@@ -45,8 +45,10 @@ _TUNING: dict = {}
 
 @contextlib.contextmanager
 def tuning(**overrides):
-    """Temporarily override the block rule (one_block_max, loop_block, min_split_blocks,
-    programs_per_sm, sms) or set poison=True; for tests and benchmarks."""
+    """Temporarily override the block rule (one_block_max, loop_block, num_warps,
+    min_split_blocks, programs_per_sm, sms), the device name the tuning table is looked up
+    by (device_name), ignore the table (no_table=True), or set poison=True; for tests,
+    benchmarks and the kernel report."""
     old = dict(_TUNING)
     _TUNING.update(overrides)
     try:
@@ -89,6 +91,21 @@ class LaunchConfig:
     num_warps: int
 
 
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch, fully described: the kernel, its grid, positional arguments and
+    keyword arguments (constexprs and num_warps). The launchers below build these and call
+    them; `python -m kdkernels report` builds the same records on meta tensors and compiles
+    exactly these specialisations for sm_90, so the report follows the launcher by construction."""
+    kernel: object      # a @triton.jit function of triton_kernels
+    grid: tuple
+    args: tuple
+    meta: dict
+
+    def __call__(self):
+        self.kernel[self.grid](*self.args, **self.meta)
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -101,13 +118,32 @@ def _sm_count(device: torch.device) -> int:
     return _INTERPRETER_SMS
 
 
+def _device_name(device: torch.device) -> str | None:
+    if "device_name" in _TUNING:
+        return _TUNING["device_name"]
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return None
+
+
+def tuned_entry(N: int, V: int, device: torch.device) -> dict | None:
+    """The tuning table's entry (backends/tuned.py) for this device, V and N (None: the block
+    rule decides). The table holds what a GPU run measured fastest in the streaming regime."""
+    if _TUNING.get("no_table"):
+        return None
+    return tuned.lookup(NAME, _device_name(device), N, V)
+
+
 def launch_config(N: int, V: int, device: torch.device) -> LaunchConfig:
-    """The block rule: one place decides block size, vocab splits and warps."""
+    """The block rule: one place decides block size, vocab splits and warps (a tuning-table
+    entry, when there is one, replaces the streaming block and warps)."""
     one_max = _TUNING.get("one_block_max", ONE_BLOCK_MAX)
     if V <= one_max:
         block = max(16, _next_pow2(V))
         return LaunchConfig(block, 1, V, True, min(16, max(1, block // 512)))
-    block = _TUNING.get("loop_block", LOOP_BLOCK)
+    entry = tuned_entry(N, V, device) if not _TUNING.get("loop_block") else None
+    block = entry["block"] if entry else _TUNING.get("loop_block", LOOP_BLOCK)
+    warps = entry["num_warps"] if entry else _TUNING.get("num_warps", min(16, max(4, block // 512)))
     min_blocks = _TUNING.get("min_split_blocks", MIN_SPLIT_BLOCKS)
     want = _TUNING.get("programs_per_sm", PROGRAMS_PER_SM) * _sm_count(device)
     splits = 1
@@ -117,7 +153,7 @@ def launch_config(N: int, V: int, device: torch.device) -> LaunchConfig:
         span = -(-(-(-V // splits)) // block) * block  # ceil(V / splits) rounded up to a block
         splits = -(-V // span)
     span = span if splits > 1 else V
-    return LaunchConfig(block, splits, span, False, min(16, max(4, block // 512)))
+    return LaunchConfig(block, splits, span, False, warps)
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -161,7 +197,7 @@ def kd_ensemble_forward(student, teachers, weights, labels, *, temperature, dive
 
 
 def _mixture_stats(teachers, weights, temperature):
-    """[N, K] float32: log w_k - lse(t_k / T) per row (one program per row)."""
+    """(Launch, mix): mix [N, K] float32 gets log w_k - lse(t_k / T) per row (one program per row)."""
     t0 = teachers[0]
     N, V = t0.shape
     pad = teachers + [t0] * (4 - len(teachers))
@@ -169,10 +205,11 @@ def _mixture_stats(teachers, weights, temperature):
     mix = _empty((N, len(teachers)), torch.float32, t0.device)
     cfg = launch_config(N, V, t0.device)
     block = cfg.block if cfg.one_block else _TUNING.get("loop_block", LOOP_BLOCK)
-    _kernels()._mixture_stats_kernel[(N,)](
-        *pad, mix, V, *(t.stride(0) for t in pad), 1.0 / temperature, *lw,
-        NT=len(teachers), BLOCK=block, STATIC_V=V if _interpreting() else 0, num_warps=cfg.num_warps)
-    return mix
+    launch = Launch(_kernels()._mixture_stats_kernel, (N,),
+                    (*pad, mix, V, *(t.stride(0) for t in pad), 1.0 / temperature, *lw),
+                    dict(NT=len(teachers), BLOCK=block, STATIC_V=V if _interpreting() else 0,
+                         num_warps=cfg.num_warps))
+    return launch, mix
 
 
 def kd_forward_into(student, teacher, labels, grad_s, *, teacher_is_probs, temperature, divergence,
@@ -182,22 +219,31 @@ def kd_forward_into(student, teacher, labels, grad_s, *, teacher_is_probs, tempe
     element is read before its gradient overwrites it). Returns (loss [N] float32, grad_t).
     `ensemble`: [(teacher logits, weight > 0)] of 1..MAX_ENSEMBLE teachers (weights summing to 1),
     mixed in the kernel; `teacher` is then its first teacher."""
-    N, V = student.shape
-    dev = student.device
-    grad_t = _empty(teacher.shape if teacher_grad else (0,), teacher.dtype, dev)
+    N = student.shape[0]
+    grad_t = _empty(teacher.shape if teacher_grad else (0,), teacher.dtype, student.device)
     if N == 0:
-        return torch.zeros(0, dtype=torch.float32, device=dev), grad_t
-    cfg = launch_config(N, V, dev)
-    launch, loss, _, _, need_d = _launcher(
+        return torch.zeros(0, dtype=torch.float32, device=student.device), grad_t
+    launches, loss = kd_launches(
+        student, teacher, labels, grad_s, grad_t, teacher_is_probs=teacher_is_probs,
+        temperature=temperature, divergence=divergence, beta=beta, soft_scale=soft_scale,
+        hard_weight=hard_weight, ignore_index=ignore_index, teacher_grad=teacher_grad, ensemble=ensemble)
+    for launch in launches:
+        launch()
+    return (loss.view(N) if loss.shape[1] == 1 else loss.sum(1)), grad_t
+
+
+def kd_launches(student, teacher, labels, grad_s, grad_t, *, teacher_is_probs, temperature, divergence,
+                beta, soft_scale, hard_weight, ignore_index, teacher_grad, ensemble=None):
+    """([Launch] in order, loss partials [N, splits] float32) of kd_forward_into for N >= 1 rows:
+    the ensemble's pre-pass if any, then phase 0, or phases 1, (2,) 3 of a split vocabulary."""
+    N, V = student.shape
+    cfg = launch_config(N, V, student.device)
+    make, loss, _, _, need_d, pre = _launcher(
         student, teacher, labels, grad_s, grad_t, cfg, teacher_is_probs=teacher_is_probs,
         temperature=temperature, divergence=divergence, beta=beta, soft_scale=soft_scale,
         hard_weight=hard_weight, ignore_index=ignore_index, teacher_grad=teacher_grad, ensemble=ensemble)
-    if cfg.splits == 1:
-        launch(0)
-        return loss.view(N), grad_t
-    for phase in (1, 2, 3) if need_d else (1, 3):
-        launch(phase)
-    return loss.sum(1), grad_t
+    phases = (0,) if cfg.splits == 1 else (1, 2, 3) if need_d else (1, 3)
+    return pre + [make(phase) for phase in phases], loss
 
 
 def kd_forward_shard(student, teacher, labels, *, vocab_start, all_reduce, reports_d, teacher_is_probs,
@@ -219,14 +265,14 @@ def kd_forward_shard(student, teacher, labels, *, vocab_start, all_reduce, repor
     cfg = LaunchConfig(block, 1, V, False, min(16, max(4, block // 512)))
     # Labels are checked against the global vocabulary by torch ops (no sync): a label no shard
     # holds becomes a negative id, which the kernel turns into a NaN row like any bad label.
-    launch, loss, stats, dsum, need_d = _launcher(
+    make, loss, stats, dsum, need_d, _ = _launcher(
         student, teacher, labels, grad_s, grad_t, cfg, teacher_is_probs=teacher_is_probs,
         temperature=temperature, divergence=divergence, beta=beta, soft_scale=soft_scale,
         hard_weight=hard_weight, ignore_index=ignore_index, teacher_grad=teacher_grad,
         y_start=vocab_start, v_total=2 ** 62, d_split=0 if reports_d else -1)
     if N == 0:  # every rank has the same rows: none of them calls a collective
         return loss.view(N), grad_s, grad_t, torch.tensor(float(vocab_start + V), dtype=torch.float64)
-    launch(1)
+    make(1)()
     # stats [N, 1, 6] = (max, sum) of s', t', s: the global max (and the vocabulary's end) ...
     m, d = stats[:, 0, 0::2], stats[:, 0, 1::2]
     m_all = torch.cat([m.reshape(-1).double(), torch.full((1,), vocab_start + V, dtype=torch.float64,
@@ -243,9 +289,9 @@ def kd_forward_shard(student, teacher, labels, *, vocab_start, all_reduce, repor
         bad = (labels >= v_end) & (labels != ignore_index)
         labels = torch.where(bad, -1 if ignore_index != -1 else -2, labels)
     if need_d:
-        launch(2, labels)
+        make(2, labels)()
         all_reduce(dsum, "sum")
-    launch(3, labels)
+    make(3, labels)()
     all_reduce(loss, "sum")
     return loss.view(N), grad_s, grad_t, v_end
 
@@ -253,14 +299,16 @@ def kd_forward_shard(student, teacher, labels, *, vocab_start, all_reduce, repor
 def _launcher(student, teacher, labels, grad_s, grad_t, cfg, *, teacher_is_probs, temperature, divergence,
               beta, soft_scale, hard_weight, ignore_index, teacher_grad, ensemble=None, y_start=0,
               v_total=None, d_split=0):
-    """(launch(phase), loss, stats, dsum, need_d): _kd_fwd_bwd_kernel's arguments, built once."""
+    """(make(phase) -> Launch, loss, stats, dsum, need_d, pre): _kd_fwd_bwd_kernel's arguments,
+    built once; `pre` holds the launches that must run first (an ensemble's statistics)."""
     N, V = student.shape
     dev = student.device
-    tx, nt, mix = [teacher] * 3, 1, None
+    tx, nt, mix, pre = [teacher] * 3, 1, None, []
     if ensemble is not None and len(ensemble) > 1:
         nt = len(ensemble)
         tx = [t for t, _ in ensemble[1:]] + [teacher] * (4 - nt)
-        mix = _mixture_stats([t for t, _ in ensemble], [w for _, w in ensemble], temperature)
+        mix_launch, mix = _mixture_stats([t for t, _ in ensemble], [w for _, w in ensemble], temperature)
+        pre = [mix_launch]
     name = DIVERGENCES[divergence]
     jsd = name == "jsd"
     uses_r1, uses_r2 = name != "reverse_kl", name in ("reverse_kl", "jsd")
@@ -289,11 +337,11 @@ def _launcher(student, teacher, labels, grad_s, grad_t, cfg, *, teacher_is_probs
                  STATIC_SPAN=cfg.span if _interpreting() else 0)
     kernel = _kernels()._kd_fwd_bwd_kernel
 
-    def launch(phase, labels=None):  # labels: the same rows' labels, rewritten (kd_forward_shard)
+    def make(phase, labels=None):  # labels: the same rows' labels, rewritten (kd_forward_shard)
         a = args if labels is None else args[:2] + (labels,) + args[3:]
-        kernel[(N, cfg.splits)](*a, PHASE=phase, **flags)
+        return Launch(kernel, (N, cfg.splits), a, dict(flags, PHASE=phase))
 
-    return launch, loss, stats, dsum, need_d
+    return make, loss, stats, dsum, need_d, pre
 
 
 def softmax_forward(x: torch.Tensor, temperature: float, log: bool) -> torch.Tensor:
@@ -302,12 +350,18 @@ def softmax_forward(x: torch.Tensor, temperature: float, log: bool) -> torch.Ten
     out = _empty(x.shape, x.dtype, x.device)
     if N == 0 or V == 0:
         return out
-    cfg = launch_config(N, V, x.device)  # splits unused: one program per row
-    _kernels()._softmax_fwd_kernel[(N,)](
-        x, out, V, x.stride(0), out.stride(0), 1.0 / temperature,
-        LOG=log, BLOCK=cfg.block, ONE_BLOCK=cfg.one_block, num_warps=cfg.num_warps,
-        STATIC_V=V if _interpreting() else 0)
+    softmax_forward_launch(x, out, temperature, log)()
     return out
+
+
+def softmax_forward_launch(x, out, temperature, log) -> Launch:
+    """softmax_forward's one launch (one program per row) for x [N, V] (N, V >= 1) into out."""
+    N, V = x.shape
+    cfg = launch_config(N, V, x.device)  # splits unused: one program per row
+    return Launch(_kernels()._softmax_fwd_kernel, (N,),
+                  (x, out, V, x.stride(0), out.stride(0), 1.0 / temperature),
+                  dict(LOG=log, BLOCK=cfg.block, ONE_BLOCK=cfg.one_block, num_warps=cfg.num_warps,
+                       STATIC_V=V if _interpreting() else 0))
 
 
 def softmax_backward(y: torch.Tensor, grad_y: torch.Tensor, temperature: float, log: bool) -> torch.Tensor:
@@ -316,11 +370,17 @@ def softmax_backward(y: torch.Tensor, grad_y: torch.Tensor, temperature: float, 
     out = _empty(y.shape, y.dtype, y.device)
     if N == 0 or V == 0:
         return out
-    cfg = launch_config(N, V, y.device)
-    _kernels()._softmax_bwd_kernel[(N,)](
-        y, grad_y, out, V, y.stride(0), grad_y.stride(0), out.stride(0), 1.0 / temperature,
-        LOG=log, BLOCK=cfg.block, num_warps=cfg.num_warps, STATIC_V=V if _interpreting() else 0)
+    softmax_backward_launch(y, grad_y, out, temperature, log)()
     return out
+
+
+def softmax_backward_launch(y, grad_y, out, temperature, log) -> Launch:
+    """softmax_backward's one launch for y, grad_y [N, V] (N, V >= 1) into out."""
+    N, V = y.shape
+    cfg = launch_config(N, V, y.device)
+    return Launch(_kernels()._softmax_bwd_kernel, (N,),
+                  (y, grad_y, out, V, y.stride(0), grad_y.stride(0), out.stride(0), 1.0 / temperature),
+                  dict(LOG=log, BLOCK=cfg.block, num_warps=cfg.num_warps, STATIC_V=V if _interpreting() else 0))
 
 
 # Top-k teachers: the k entries of a row are held in one block of registers; above this many
@@ -360,13 +420,27 @@ def kd_topk_forward(student, ids, logprobs, labels, *, temperature, divergence, 
         raise ValueError(f"divergence {name!r} is not defined for top-k teachers")
     ids = ids.contiguous()
     logprobs = logprobs.contiguous()
+    gt = grad_t if teacher_grad else loss  # never written when teacher_grad is False
+    for launch in topk_launches(student, ids, logprobs, labels, loss, grad_s, gt, temperature=temperature,
+                                divergence=divergence, beta=beta, soft_scale=soft_scale,
+                                hard_weight=hard_weight, ignore_index=ignore_index, teacher_grad=teacher_grad):
+        launch()
+    return loss, grad_s, grad_t
+
+
+def topk_launches(student, ids, logprobs, labels, loss, grad_s, gt, *, temperature, divergence, beta,
+                  soft_scale, hard_weight, ignore_index, teacher_grad) -> list:
+    """kd_topk_forward's launches for N >= 1 rows (ids, logprobs contiguous [N, k]; gt: the
+    teacher gradient, or any float32 tensor when teacher_grad is False)."""
+    N, V = student.shape
+    k = ids.shape[-1]
+    name = DIVERGENCES[divergence]
     # The block rule's block (next_pow2(V) for a short row, streamed all the same: the kernel has
     # no in-register path) and split; at least 4 warps (the k entries share the program).
-    cfg = launch_config(N, V, dev)
+    cfg = launch_config(N, V, student.device)
     jsd = name == "jsd"
     has_hard = labels is not None and hard_weight != 0
-    gt = grad_t if teacher_grad else loss  # never written when teacher_grad is False
-    stats = _empty((N, cfg.splits, 6), torch.float32, dev) if cfg.splits > 1 else loss
+    stats = _empty((N, cfg.splits, 6), torch.float32, student.device) if cfg.splits > 1 else loss
     args = (student, ids, logprobs, labels if labels is not None else loss, loss, grad_s, gt, stats,
             V, k, student.stride(0), grad_s.stride(0), cfg.splits, cfg.span,
             1.0 / temperature, math.log(beta) if jsd else 0.0, math.log1p(-beta) if jsd else 0.0,
@@ -378,8 +452,5 @@ def kd_topk_forward(student, ids, logprobs, labels, *, temperature, divergence, 
                  num_warps=min(16, max(4, cfg.block // 512)))
     kernel = _kernels()._kd_topk_kernel
     if cfg.splits == 1:
-        kernel[(N,)](*args, PHASE=0, **flags)
-    else:
-        kernel[(N, cfg.splits)](*args, PHASE=1, **flags)
-        kernel[(N, cfg.splits)](*args, PHASE=2, **flags)
-    return loss, grad_s, grad_t
+        return [Launch(kernel, (N,), args, dict(flags, PHASE=0))]
+    return [Launch(kernel, (N, cfg.splits), args, dict(flags, PHASE=phase)) for phase in (1, 2)]
