@@ -82,6 +82,17 @@ class KDOptions:
     inplace: bool = False
     teacher_topk_mode: str = "full"
     teacher_topk_temperature: float = 1.0
+    # per-model logit transforms, applied in TRL's order: scale, then softcap * tanh(x / softcap),
+    # then the temperature (None: no softcap)
+    student_logit_scale: float = 1.0
+    student_softcap: float | None = None
+    teacher_logit_scale: float = 1.0
+    teacher_softcap: float | None = None
+
+    @property
+    def has_transforms(self) -> bool:
+        return (self.student_logit_scale != 1.0 or self.student_softcap is not None
+                or self.teacher_logit_scale != 1.0 or self.teacher_softcap is not None)
 
     @property
     def soft_scale(self) -> float:
@@ -143,8 +154,15 @@ TOPK_MODES = ("full", "renormalized", "tail")
 
 def check_options(*, temperature=1.0, divergence="kl", beta=0.5, skew=0.1, soft_weight=1.0, hard_weight=0.0,
                   t_squared=True, ignore_index=-100, reduction="mean", normalizer=None, backend="auto",
-                  inplace=False, teacher_topk_mode="full", teacher_topk_temperature=1.0) -> KDOptions:
+                  inplace=False, teacher_topk_mode="full", teacher_topk_temperature=1.0,
+                  student_logit_scale=1.0, student_softcap=None, teacher_logit_scale=1.0,
+                  teacher_softcap=None) -> KDOptions:
     """Validate the scalar options shared by every KD entry point; returns them as a KDOptions."""
+    transforms = {}
+    for name, value in (("student_logit_scale", student_logit_scale), ("teacher_logit_scale", teacher_logit_scale)):
+        transforms[name] = _number(name, value, positive=True)
+    for name, value in (("student_softcap", student_softcap), ("teacher_softcap", teacher_softcap)):
+        transforms[name] = None if value is None else _number(name, value, positive=True)
     if teacher_topk_mode not in TOPK_MODES:
         raise ValueError(f"teacher_topk_mode must be one of {TOPK_MODES}, got {teacher_topk_mode!r}")
     teacher_topk_temperature = _number("teacher_topk_temperature", teacher_topk_temperature, positive=True)
@@ -195,7 +213,8 @@ def check_options(*, temperature=1.0, divergence="kl", beta=0.5, skew=0.1, soft_
         temperature=T, divergence=divergence, beta=beta, skew=skew, soft_weight=soft_weight,
         hard_weight=_number("hard_weight", hard_weight, nonnegative=True), t_squared=t_squared,
         ignore_index=int(ignore_index), reduction=reduction, normalizer=normalizer, backend=backend,
-        inplace=inplace, teacher_topk_mode=teacher_topk_mode, teacher_topk_temperature=teacher_topk_temperature)
+        inplace=inplace, teacher_topk_mode=teacher_topk_mode, teacher_topk_temperature=teacher_topk_temperature,
+        **transforms)
 
 
 # ---- tensor checks shared by the entry points ------------------------------------------------
