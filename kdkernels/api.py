@@ -13,6 +13,9 @@ from .options import (DIVERGENCES, KDOptions, check_backend, check_labels, check
 
 __all__ = ["kd_loss", "KDLoss", "tempered_softmax", "tempered_log_softmax"]
 
+# Backends whose kernels fuse the per-model logit transforms (softcap, logit scale).
+TRANSFORM_BACKENDS = ("torch",)
+
 def kd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor | None = None,
@@ -36,6 +39,10 @@ def kd_loss(
     teacher_topk_temperature: float = 1.0,
     teacher_weights=None,
     inplace: bool = False,
+    student_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_softcap: float | None = None,
 ) -> Tensor:
     """Fused knowledge-distillation loss between student and teacher distributions.
 
@@ -77,12 +84,20 @@ def kd_loss(
 
     inplace=True (Triton backend, eager only): the gradient is written over student_logits'
     storage instead of a new (N, V) buffer; the logits' values are consumed (kdkernels.inplace).
+
+    Per-model logit transforms (the models whose heads scale or soft-cap their logits), fused
+    into the kernel, in TRL's order: x * logit_scale, then softcap * tanh(x / softcap), then the
+    temperature; the hard term sees the transformed student logits, and gradients are w.r.t. the
+    logits as given. So kd_loss(raw, ..., student_softcap=30) == kd_loss(30 * tanh(raw / 30), ...).
+    Teacher transforms need teacher logits (not probabilities or a top-k teacher).
     """
     opts = check_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
                          soft_weight=soft_weight, hard_weight=hard_weight, t_squared=t_squared,
                          ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
                          backend=backend, inplace=inplace, teacher_topk_mode=teacher_topk_mode,
-                         teacher_topk_temperature=teacher_topk_temperature)
+                         teacher_topk_temperature=teacher_topk_temperature,
+                         student_logit_scale=student_logit_scale, student_softcap=student_softcap,
+                         teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap)
     return _kd_loss(student_logits, teacher_logits, labels, teacher_probs, opts,
                     teacher_topk_ids, teacher_topk_logprobs, teacher_weights)
 
@@ -102,6 +117,9 @@ def _check_tensors(student_logits, teacher_logits, labels, teacher_probs, opts: 
         raise ValueError(f"{t_name} is on {t.device} but student_logits is on {s.device}")
     if s.shape[-1] == 0:
         raise ValueError("student_logits has an empty vocabulary dimension (V = 0)")
+    if teacher_probs is not None and (opts.teacher_logit_scale != 1.0 or opts.teacher_softcap is not None):
+        raise ValueError("teacher_logit_scale / teacher_softcap transform teacher logits; they cannot be combined "
+                         "with teacher_probs")
     if (teacher_probs is not None and t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling()
             and bool((t < 0).any())):  # checked where it costs no device sync; elsewhere such a row is NaN
         raise ValueError(f"teacher_probs must be >= 0, got {t[t < 0].flatten()[0].item()}")
@@ -122,14 +140,19 @@ def _kd_loss(student_logits, teacher_logits, labels, teacher_probs, opts: KDOpti
         return reduce_rows(loss, y, student_logits.shape[:-1], opts)
     s, t = _check_tensors(student_logits, teacher_logits, labels, teacher_probs, opts)
     float64 = torch.float64 in (s.dtype, t.dtype)
-    backend = resolve(opts.backend, s.device, float64=float64, feature=opts.divergence_feature,
-                      native=opts.kernel_divergence_info.backends)
+    native = opts.kernel_divergence_info.backends
+    feature = opts.divergence_feature
+    if opts.has_transforms:
+        native, feature = tuple(b for b in native if b in TRANSFORM_BACKENDS), f"{feature} with logit transforms"
+    backend = resolve(opts.backend, s.device, float64=float64, feature=feature, native=native)
     code, beta = opts.kernel_divergence
     T = opts.temperature
     lead = s.shape[:-1]
     y = None if labels is None else labels.reshape(-1).long()
     teacher_grad = torch.is_grad_enabled() and t.requires_grad
     if opts.inplace:
+        if opts.has_transforms:
+            raise ValueError("inplace=True cannot be combined with logit transforms (softcap, logit_scale)")
         if backend != "triton":
             raise ValueError(f"inplace=True needs the Triton backend; backend='auto' resolved to {backend!r} "
                              f"on {s.device}")
@@ -144,7 +167,7 @@ def _kd_loss(student_logits, teacher_logits, labels, teacher_probs, opts: KDOpti
                                teacher_grad=teacher_grad)
         return reduce_rows(loss, y, lead, opts)
     loss, _, _ = ops.kd_fused(rows(s), rows(t), y, teacher_probs is not None, T, code, beta, opts.soft_scale,
-                              opts.hard_weight, opts.ignore_index, teacher_grad, backend)
+                              opts.hard_weight, opts.ignore_index, teacher_grad, opts.transforms, backend)
     return reduce_rows(loss, y, lead, opts)
 
 
@@ -158,13 +181,16 @@ class KDLoss(nn.Module):
     def __init__(self, *, temperature=1.0, divergence="kl", beta=0.5, skew=0.1, soft_weight=1.0,
                  hard_weight=0.0, t_squared=True, ignore_index=-100, reduction="mean",
                  normalizer=None, backend="auto", inplace=False, teacher_topk_mode="full",
-                 teacher_topk_temperature=1.0):
+                 teacher_topk_temperature=1.0, student_logit_scale=1.0, student_softcap=None,
+                 teacher_logit_scale=1.0, teacher_softcap=None):
         super().__init__()
         self.options = check_options(
             temperature=temperature, divergence=divergence, beta=beta, skew=skew, soft_weight=soft_weight,
             hard_weight=hard_weight, t_squared=t_squared, ignore_index=ignore_index,
             reduction=reduction, normalizer=normalizer, backend=backend, inplace=inplace,
-            teacher_topk_mode=teacher_topk_mode, teacher_topk_temperature=teacher_topk_temperature)
+            teacher_topk_mode=teacher_topk_mode, teacher_topk_temperature=teacher_topk_temperature,
+            student_logit_scale=student_logit_scale, student_softcap=student_softcap,
+            teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap)
 
     def forward(self, student_logits, teacher_logits=None, labels=None, *, teacher_probs=None,
                 teacher_topk_ids=None, teacher_topk_logprobs=None, teacher_weights=None):

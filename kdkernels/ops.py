@@ -39,14 +39,17 @@ def kd_fused(
     hard_weight: float,
     ignore_index: int,
     teacher_grad: bool,
+    transforms: list[float],    # [] or (student scale, softcap, teacher scale, softcap); softcap 0: none
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row loss [N] (float32, float64 for float64 inputs), d loss_row / d student [N, V],
-    and d loss_row / d teacher [N, V] (or an empty tensor when teacher_grad is False)."""
+    and d loss_row / d teacher [N, V] (or an empty tensor when teacher_grad is False), with the
+    gradients taken w.r.t. the logits as given (before the transforms)."""
+    extra = {"transforms": tuple(transforms)} if transforms else {}  # routed to backends that have them
     return module(backend).kd_forward(
         student, teacher, labels, teacher_is_probs=teacher_is_probs, temperature=temperature,
         divergence=divergence, beta=beta, soft_scale=soft_scale, hard_weight=hard_weight,
-        ignore_index=ignore_index, teacher_grad=teacher_grad)
+        ignore_index=ignore_index, teacher_grad=teacher_grad, **extra)
 
 
 def _loss_dtype(student: Tensor, teacher: Tensor) -> torch.dtype:
@@ -55,7 +58,7 @@ def _loss_dtype(student: Tensor, teacher: Tensor) -> torch.dtype:
 
 @kd_fused.register_fake
 def _(student, teacher, labels, teacher_is_probs, temperature, divergence, beta, soft_scale,
-      hard_weight, ignore_index, teacher_grad, backend):
+      hard_weight, ignore_index, teacher_grad, transforms, backend):
     N = student.shape[0]
     loss = student.new_empty((N,), dtype=_loss_dtype(student, teacher))
     grad_t = teacher.new_empty(teacher.shape if teacher_grad else (0,))
@@ -135,14 +138,14 @@ def scale_in_place(ctx, saved: Tensor) -> bool:
 
 def _kd_backward(ctx, grad_loss, _grad_gs, _grad_gt):
     if grad_loss is None:  # the loss was not used (grads are not materialised)
-        return (None,) * 12
+        return (None,) * 13
     begin_backward(ctx)
     grad_s, grad_t = ctx.saved_tensors
     inplace = scale_in_place(ctx, grad_s)
     scale = grad_loss.unsqueeze(-1)
     gs = scale_grad(grad_s, scale, inplace) if ctx.needs_input_grad[0] else None
     gt = scale_grad(grad_t, scale, inplace) if ctx.teacher_grad and ctx.needs_input_grad[1] else None
-    return (gs, gt) + (None,) * 10
+    return (gs, gt) + (None,) * 11
 
 
 torch.library.register_autograd("kdkernels::kd_fused", _kd_backward, setup_context=_kd_setup_context)

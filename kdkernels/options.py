@@ -90,6 +90,15 @@ class KDOptions:
     teacher_softcap: float | None = None
 
     @property
+    def transforms(self) -> list:
+        """The op's transforms argument: [] (none) or [student scale, softcap, teacher scale, softcap]
+        with softcap 0.0 for none."""
+        if not self.has_transforms:
+            return []
+        return [self.student_logit_scale, self.student_softcap or 0.0, self.teacher_logit_scale,
+                self.teacher_softcap or 0.0]
+
+    @property
     def has_transforms(self) -> bool:
         return (self.student_logit_scale != 1.0 or self.student_softcap is not None
                 or self.teacher_logit_scale != 1.0 or self.teacher_softcap is not None)

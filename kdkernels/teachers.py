@@ -26,6 +26,10 @@ _TOPK_NATIVE = {"full": ("torch",), "renormalized": ("torch",), "tail": ("torch"
 def kd_rows(student_logits, teacher_logits, labels, teacher_probs, opts: KDOptions, ids, logprobs, weights):
     """Per-row loss [N] and flat labels (or None) for an ensemble or top-k teacher."""
     s = float_tensor("student_logits", student_logits)
+    if opts.has_transforms:
+        raise ValueError("logit transforms (softcap, logit_scale) work with a single teacher_logits tensor in kd_loss, "
+                         "and with every teacher form in fused_linear_kd_loss; for an ensemble or a top-k teacher, "
+                         "pass the transformed student logits")
     if s.shape[-1] == 0:
         raise ValueError("student_logits has an empty vocabulary dimension (V = 0)")
     given = [name for name, v in (("teacher_logits", teacher_logits), ("teacher_probs", teacher_probs),

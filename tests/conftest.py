@@ -107,7 +107,8 @@ def _gradient_term_scales(student, teacher, labels, teacher_is_probs, grad_outpu
     if teacher_is_probs:
         P = teacher.detach().double()
         p_terms = max(p_terms, (lp.exp()[P > 0] / P[P > 0]).max().item() if bool((P > 0).any()) else 0.0)
-    centred = kwargs.get("divergence", "kl") in ("reverse_kl", "jsd")
+    # student gradients built from log-ratios (not just q - p or signs)
+    centred = kwargs.get("divergence", "kl") in ("reverse_kl", "jsd", "symmetric_kl", "skew_kl", "skew_reverse_kl")
     return {"student grad": soft * max(lq.exp().max().item(), lp.exp().max().item()) * (log_cond if centred else 1.0) + hard,
             "teacher grad": soft * p_terms * log_cond, **base}
 

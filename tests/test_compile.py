@@ -66,7 +66,12 @@ def kd_fused_samples(device, backend):
             t[0, :5] = 0  # zero probabilities must not give NaN
         t.requires_grad_(tgrad)
         y = _labels(N, V, device, g) if with_labels else None
-        out.append((s, t, y, probs, 1.7, code, beta, 1.7 ** 2, 0.5 if with_labels else 0.0, -100, tgrad, backend))
+        out.append((s, t, y, probs, 1.7, code, beta, 1.7 ** 2, 0.5 if with_labels else 0.0, -100, tgrad, [], backend))
+    if backend == "torch":  # logit transforms: student scale + softcap, teacher softcap
+        s = _randn(N, V, device=device, g=g, grad=True, scale=20.0)
+        t = _randn(N, V, device=device, g=g, scale=20.0).requires_grad_()
+        out.append((s, t, _labels(N, V, device, g), False, 2.0, KL, 0.5, 4.0, 0.3, -100, True, [0.5, 30.0, 1.0, 20.0],
+                    backend))
     return out
 
 

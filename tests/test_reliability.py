@@ -274,3 +274,37 @@ def test_import_is_light():
     code = "import sys, kdkernels; print(sorted(m for m in ('triton', 'torch._dynamo') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+# ---------------------------------------------------------------- per-model logit transforms
+
+
+@pytest.mark.parametrize("divergence", ["kl", "jsd", "reverse_kl", "tvd"])
+def test_softcap_and_logit_scale_equal_transformed_logits(divergence):
+    """kd_loss(raw, ..., student_softcap=c) == kd_loss(c * tanh(raw / c), ...), scale first
+    (TRL's order), hard term on the transformed logits, gradients w.r.t. the raw logits."""
+    g = torch.Generator().manual_seed(11)
+    raw = (torch.randn(6, 45, generator=g) * 40).requires_grad_()
+    traw = (torch.randn(6, 45, generator=g) * 40).requires_grad_()
+    y = torch.randint(0, 45, (6,), generator=g)
+    y[2] = -100
+    kw = dict(temperature=2.0, hard_weight=0.5, divergence=divergence, beta=0.3)
+    got = kdkernels.kd_loss(raw, traw, y, student_logit_scale=0.5, student_softcap=30.0, teacher_softcap=20.0,
+                            teacher_logit_scale=1.2, **kw)
+    gs, gt = torch.autograd.grad(got * 1.7, (raw, traw))
+    r2, t2 = raw.detach().double().requires_grad_(), traw.detach().double().requires_grad_()
+    want = reference.kd_loss(30 * torch.tanh(r2 * 0.5 / 30), 20 * torch.tanh(t2 * 1.2 / 20), y, **kw)
+    rgs, rgt = torch.autograd.grad(want * 1.7, (r2, t2))
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(gs.double(), rgs, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gt.double(), rgt, rtol=1e-4, atol=1e-6)
+
+
+def test_transforms_errors():
+    s = torch.randn(3, 7)
+    with pytest.raises(ValueError, match="student_softcap must be > 0"):
+        kdkernels.kd_loss(s, s, student_softcap=0.0)
+    with pytest.raises(ValueError, match="cannot be combined with teacher_probs"):
+        kdkernels.kd_loss(s, teacher_probs=torch.softmax(s, -1), teacher_softcap=10.0)
+    with pytest.raises(ValueError, match="logit transforms"):
+        kdkernels.kd_loss(s, s, student_softcap=10.0, backend="cuda")

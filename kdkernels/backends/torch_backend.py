@@ -68,15 +68,35 @@ def _outputs(student, teacher, teacher_grad: bool, acc: torch.dtype):
             torch.empty(teacher.shape if teacher_grad else (0,), dtype=teacher.dtype, device=dev))
 
 
+def transform(x, scale: float, softcap: float, out=None):
+    """(scale * x, then softcap * tanh(. / softcap) if softcap; d out / d x, or None if 1): a model's
+    logit transform (Cohere's logit_scale, Gemma's final_logit_softcapping), fused per block."""
+    if scale == 1.0 and not softcap:
+        return x, None
+    y = torch.mul(x, scale, out=out)
+    if not softcap:
+        return y, scale
+    th = y.div_(softcap).tanh_()
+    chain = th.square().neg_().add_(1.0).mul_(scale)  # d/dx softcap * tanh(scale * x / softcap)
+    return th.mul_(softcap), chain
+
+
 def kd_block(s, t, y, ws, grad_s, grad_t, *, teacher_is_probs, temperature, divergence, beta, soft_scale,
-             hard_weight, ignore_index, teacher_grad):
+             hard_weight, ignore_index, teacher_grad, transforms=()):
     """One block of rows: returns the rows' loss and writes d loss / ds into grad_s (and
     d loss / dt into grad_t if teacher_grad). s, t any float dtype (t probabilities if
-    teacher_is_probs); ws: a Workspace in the accumulation dtype."""
+    teacher_is_probs); ws: a Workspace in the accumulation dtype. transforms: () or (student
+    scale, softcap, teacher scale, softcap; softcap 0 = none) applied to the logits first
+    (gradients w.r.t. the logits as given)."""
     n = s.shape[0]
     inv_t = 1.0 / temperature
     xs = ws.cast("s", s)
     xt = ws.cast("t", t)
+    chain_s = chain_t = None
+    if transforms:
+        xs, chain_s = transform(xs, transforms[0], transforms[1], out=ws("s_tf", n))
+        if not teacher_is_probs:
+            xt, chain_t = transform(xt, transforms[2], transforms[3], out=ws("t_tf", n))
     if teacher_is_probs:  # log 0 = -inf: p = 0
         xt = torch.log(xt, out=ws("logt", n))
     zs, q, log_ds = M.centred_stats(xs, inv_t, z_out=ws("zs", n), e_out=ws("q", n))
@@ -96,8 +116,12 @@ def kd_block(s, t, y, ws, grad_s, grad_t, *, teacher_is_probs, temperature, dive
     if y is not None:
         stats = (zs, q, log_ds) if hard_t1 else None
         row_loss, ignored = apply_labels(row_loss, dS, xs, y, hard_weight, ignore_index, stats)
+    if chain_s is not None:
+        dS.mul_(chain_s)
     grad_s.copy_(dS)
     if teacher_grad:
+        if chain_t is not None:
+            dT.mul_(chain_t)
         if teacher_is_probs:  # chain rule through log P: dL/dP = dL/d(log P) / P, 0 where P == 0
             P = ws.cast("t", t)
             dT = torch.where(P == 0, 0.0, dT / P)
@@ -108,14 +132,15 @@ def kd_block(s, t, y, ws, grad_s, grad_t, *, teacher_is_probs, temperature, dive
 
 
 def kd_forward(student, teacher, labels, *, teacher_is_probs, temperature, divergence, beta,
-               soft_scale, hard_weight, ignore_index, teacher_grad):
+               soft_scale, hard_weight, ignore_index, teacher_grad, transforms=()):
     """Fused per-row loss and gradients (see kdkernels.ops.kd_fused for the contract). `beta` is
     the divergence's parameter (beta of jsd / symmetric_kl, the skew of skew_kl / skew_reverse_kl)."""
     N, V = student.shape
     acc = _acc_dtype(student, teacher)
     loss, grad_s, grad_t = _outputs(student, teacher, teacher_grad, acc)
     kw = dict(teacher_is_probs=teacher_is_probs, temperature=temperature, divergence=divergence, beta=beta,
-              soft_scale=soft_scale, hard_weight=hard_weight, ignore_index=ignore_index, teacher_grad=teacher_grad)
+              soft_scale=soft_scale, hard_weight=hard_weight, ignore_index=ignore_index, teacher_grad=teacher_grad,
+              transforms=tuple(transforms))
     step = _rows_per_chunk(V)
     ws = M.Workspace(min(step, N), V, acc, student.device)
     for a in range(0, N, step):

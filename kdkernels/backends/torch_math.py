@@ -97,7 +97,9 @@ def centred_stats(x: torch.Tensor, inv_t: float, z_out=None, e_out=None):
 
 
 def log_ratio(zt, log_dt, zs, log_ds, out=None) -> torch.Tensor:
-    """u = log p - log q = (z_t - z_s) - (log d_t - log d_s), from centred_stats of each side."""
+    """u = log p - log q = (z_t - z_s) - (log d_t - log d_s), from centred_stats of each side.
+    log d carries one rounding (eps * log d, log d <= log V); where d is close to 1 it is log1p of
+    the small remainder, exact."""
     return torch.sub(zt, zs, out=out).sub_(log_dt - log_ds)
 
 
@@ -147,8 +149,19 @@ def accurate_divergence(code: int, param: float, p, lq, q, u) -> torch.Tensor:
         return _kl_phi(p, log_w_over_mix(u, param), param * p + (1 - param) * q)
     if code == SKEW_REVERSE_KL:
         return _kl_phi(q, log_w_over_mix(-u, param), param * q + (1 - param) * p)
-    if code == TVD:  # 0.5 sum |p - q| = 0.5 sum q |expm1(u)| (p where q = 0)
-        return 0.5 * torch.where(q == 0, p, q * torch.expm1(u).abs()).sum(-1, keepdim=True)
+    if code == TVD:
+        # 0.5 sum |p - q| = sum_{p>q} (p - q) = sum_{p<q} (q - p), with p - q = q expm1(u). A
+        # per-row error d in u (the log-sum-exps' rounding, ~1e-6) moves the two one-sided sums by
+        # +d w_a and -d w_b (w: the teacher mass on each side), so their w-weighted mean is exact
+        # to first order; the plain 0.5 sum |p - q| is not.
+        diff = torch.where(q == 0, p, q * torch.expm1(u))
+        up = diff > 0
+        a = diff.clamp(min=0).sum(-1, keepdim=True)
+        b = (-diff).clamp(min=0).sum(-1, keepdim=True)
+        w_a = torch.where(up, p, 0.0).sum(-1, keepdim=True)
+        w_b = torch.where(up, 0.0, p).sum(-1, keepdim=True)
+        mean = (a * w_b + b * w_a) / (w_a + w_b)
+        return torch.where(w_a * w_b > 0, mean, 0.5 * (a + b))
     if code == SOFT_CE:
         return -sum_mul0(p, lq)
     raise ValueError(f"unknown divergence code {code}")
@@ -190,8 +203,13 @@ def terms(code: int, param: float, p, lq, q, u, normalized: bool = True):
             D = b * sum_mul0(p, rp - math.log(b)) + (1 - b) * sum_mul0(q, rq - math.log1p(-b))
         r_s, r_t = rq.mul_(1 - b), rp.mul_(b)
     elif code == TVD:
-        D = accurate_divergence(code, param, p, lq, q, u)
-        r_s = torch.sign(q - p).mul_(0.5)
+        if normalized:
+            D = accurate_divergence(code, param, p, lq, q, u)
+        else:  # the first-order correction assumes unit masses
+            D = 0.5 * torch.where(q == 0, p, q * torch.expm1(u)).abs().sum(-1, keepdim=True)
+        # sign(q - p) from the log-ratio, which resolves near-equal p and q far better than the
+        # difference of two separately rounded probabilities (u = -inf where p = 0 < q, +inf where q = 0)
+        r_s = torch.sign(u).mul_(-0.5)
         r_t = r_s.neg()
     elif code in (SKEW_KL, SKEW_REVERSE_KL):
         a = param

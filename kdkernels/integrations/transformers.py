@@ -95,8 +95,9 @@ class DistillationTrainer(Trainer):
             normalizer=None, backend=backend)
         # kd_loss keyword arguments; not the normalizer (per batch: num_items_in_batch) nor inplace
         # (the trainer never writes over the student's logits)
-        self.kd_options = {k: getattr(opts, k) for k in opts.__dataclass_fields__
-                           if k not in ("normalizer", "inplace", "teacher_topk_mode", "teacher_topk_temperature")}
+        kept = ("temperature", "divergence", "beta", "skew", "soft_weight", "hard_weight", "t_squared",
+                "ignore_index", "reduction", "backend")
+        self.kd_options = {k: getattr(opts, k) for k in kept}
         if use_fused_linear and not hasattr(kdkernels, "fused_linear_kd_loss"):
             raise RuntimeError(f"use_fused_linear=True needs kdkernels.fused_linear_kd_loss, which this kdkernels "
                                f"({kdkernels.__version__}) does not have; use use_fused_linear=False")
