@@ -71,6 +71,14 @@ def windows(ids: list[int], L: int) -> torch.Tensor:
     return t[: n * L + 1].unfold(0, L + 1, L)[:n].contiguous()
 
 
+def _load() -> list | None:
+    """1, 5, 15-minute load averages: the timings of a shared machine need them to be read."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def run(cfg: Config, log=print) -> dict:
     old = torch.get_num_threads()
     if cfg.threads:
@@ -88,7 +96,8 @@ def _run(cfg: Config, log, topk_dir: str) -> dict:
     from .backends import resolve
     from .cli import cpu_name
     machine = dict(cpu=cpu_name(), cores=os.cpu_count(), threads=torch.get_num_threads(),
-                   python=platform.python_version(), torch=torch.__version__, backend=resolve("auto", torch.device("cpu")))
+                   python=platform.python_version(), torch=torch.__version__, backend=resolve("auto", torch.device("cpu")),
+                   load_before=_load())
     log("kdkernels demo --lm: distilling a small causal LM on Python standard-library sources"
         + (" (--quick: every path, tiny sizes; the numbers mean nothing)" if cfg.quick else ""))
     log(f"  {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} ({machine['threads']} threads), "
@@ -167,6 +176,7 @@ def _run(cfg: Config, log, topk_dir: str) -> dict:
             s = train.train_students(cfg, r, width, stud_w, val, curve_val, tdata, log)
             students.append(s)
     seconds = time.perf_counter() - t0
+    machine["load_after"] = _load()
     result = dict(config=asdict(cfg), machine=machine, seconds=seconds, tokenizer_seconds=tok_s,
                   data=dict(train_files=[m for m, _ in c["train"]], validation_files=[m for m, _ in c["validation"]],
                             missing=c["missing"], train_tokens=len(tr_ids), validation_tokens=len(va_ids),
@@ -181,7 +191,7 @@ def _run(cfg: Config, log, topk_dir: str) -> dict:
     log("\n[summary] measured on this run, not asserted" + (" (--quick: meaningless sizes)" if cfg.quick else ""))
     for line in result["summary"]:
         log("  " + line)
-    log(f"\ndone in {seconds:.0f} s")
+    log(f"\ndone in {seconds:.0f} s (load average before {machine['load_before']}, after {machine['load_after']})")
     return result
 
 

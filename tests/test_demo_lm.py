@@ -91,6 +91,19 @@ def test_quick_report(quick):
     assert (out / "demo_lm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_quick_is_deterministic(quick):
+    """A second run (tokenizer, teacher, offline files, students) gives the same numbers."""
+    r, _ = quick
+    names = ("hard", "kl-T1", "top8-full")
+    cfg = demo_lm.Config(**demo_lm.QUICK, quick=True, recipes=names)
+    again = demo_lm.run(cfg, log=lambda *a: None)
+    assert again["teacher"]["val_ppl"] == r["teacher"]["val_ppl"]
+    first = {(s["width"], s["recipe"]): s for s in r["students"]}
+    for s in again["students"]:
+        assert s["losses"] == first[(s["width"], s["recipe"])]["losses"], s["recipe"]
+        assert s["val_ppl"] == first[(s["width"], s["recipe"])]["val_ppl"], s["recipe"]
+
+
 # ------------------------------------------------------------------ the pieces
 
 def test_corpus_split_by_file():

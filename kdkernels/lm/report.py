@@ -133,6 +133,14 @@ def summary(result: dict) -> list[str]:
     return lines
 
 
+def _params(result):
+    seen = {}
+    for s in result["students"]:
+        if "params" in s:
+            seen.setdefault(s["width"], s["params"])
+    return sorted(seen.items())
+
+
 def markdown(result: dict, command: str) -> str:
     cfg, m = result["config"], result["machine"]
     return "\n".join([
@@ -140,11 +148,13 @@ def markdown(result: dict, command: str) -> str:
         f"- command: `{command}`",
         f"- machine: {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads; Python {m['python']}, torch {m['torch']}, "
         f"kd_loss backend {m['backend']}",
-        f"- runtime: {result['seconds']:.0f} s wall (the whole run)",
+        f"- runtime: {result['seconds']:.0f} s wall (the whole run); load average (1, 5, 15 min) before "
+        f"{m.get('load_before')}, after {m.get('load_after')}: the machine is shared, the times are this run's",
         f"- teacher: d={cfg['teacher_d']}, {cfg['teacher_layers']} layers, {result['teacher']['params'] / 1e6:.2f} M "
         f"parameters, {cfg['teacher_steps']} steps: validation perplexity {result['teacher']['val_ppl']:.1f}, "
         f"next-token accuracy {100 * result['teacher']['val_acc']:.1f}%",
-        f"- students: {cfg['student_steps']} steps of {cfg['student_batch']} windows of {cfg['ctx']} tokens, seeds "
+        f"- students: " + ", ".join(f"d={w}: {p / 1e6:.2f} M parameters" for w, p in _params(result)) + "; "
+        f"{cfg['student_steps']} steps of {cfg['student_batch']} windows of {cfg['ctx']} tokens, seeds "
         f"{list(cfg['seeds'])}; KD recipes {cfg['soft_weight']:g} * T^2 * D + {cfg['hard_weight']:g} * CE", "",
         "Validation perplexity and next-token accuracy: mean ± std (n - 1) over the seeds. "
         "`ppl - hard`: mean over seeds of the paired difference to the hard-label student. "

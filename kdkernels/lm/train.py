@@ -105,9 +105,10 @@ def train_students(cfg, recipe, width: int, windows: torch.Tensor, val: torch.Te
     orders = torch.stack([torch.randperm(len(windows), generator=torch.Generator().manual_seed(cfg.data_seed + 1 + s))
                           for s in cfg.seeds])                                     # (S, W)
     eval_at = sorted({max(1, round(steps * i / cfg.evals)) for i in range(1, cfg.evals + 1)})
+    te = time.perf_counter()
     ppl0, _ = evaluate(model, curve_val)
     curve = [(0, [float(p) for p in ppl0])]
-    losses, train_s = [], 0.0
+    losses, train_s, eval_s = [], 0.0, time.perf_counter() - te
     for step in range(steps):
         t0 = time.perf_counter()
         idx = orders[:, torch.arange(step * B, (step + 1) * B) % len(windows)]        # (S, B)
@@ -122,11 +123,14 @@ def train_students(cfg, recipe, width: int, windows: torch.Tensor, val: torch.Te
         train_s += time.perf_counter() - t0
         losses.append([float(v) for v in per_model.detach()])
         if step + 1 in eval_at:
+            te = time.perf_counter()
             ppl, _ = evaluate(model, curve_val)
+            eval_s += time.perf_counter() - te
             curve.append((step + 1, [float(p) for p in ppl]))
             log(f"  d={width:<3} {recipe.name:<18} step {step + 1:>4}/{steps}  loss {sum(losses[-1]) / S:7.3f}  "
                 f"val ppl {float(ppl.mean()):8.1f}  ({train_s:.1f} s)")
+    te = time.perf_counter()
     ppl, acc = evaluate(model, val)
     return dict(recipe=recipe.name, width=width, seeds=list(cfg.seeds), val_ppl=[float(p) for p in ppl],
-                val_acc=[float(a) for a in acc], train_seconds=train_s, losses=losses, curve=curve,
-                params=model.n_params())
+                val_acc=[float(a) for a in acc], train_seconds=train_s, eval_seconds=eval_s + time.perf_counter() - te,
+                losses=losses, curve=curve, params=model.n_params())
