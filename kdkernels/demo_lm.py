@@ -44,6 +44,7 @@ class Config:
     student_layers: int = 2
     student_steps: int = 150
     student_batch: int = 4
+    student_windows: int | None = None  # the students' training set; None: steps x batch (one epoch per seed)
     student_lr: float = 2e-3
     seeds: tuple = (0, 1, 2)           # student seeds: initialisation and data order
     data_seed: int = 1234              # the teacher's data order and the students' window set
@@ -55,13 +56,14 @@ class Config:
     val_windows: int = 256             # final validation: windows spread evenly over the split
     curve_val_windows: int = 48        # the curve's validation points: a subset of those
     recipes: tuple = field(default_factory=lambda: tuple(r.name for r in R.RECIPES))
-    threads: int | None = None         # torch.set_num_threads for the run (None: leave as is)
+    threads: int | None = 1            # torch.set_num_threads for the run (None: leave as is); see main()
     quick: bool = False
 
 
 # --quick: every path, tiny sizes; checks that each student trains, its numbers mean nothing
+# (8 windows seen 6 times: the training loss falls for sure, whatever the batch order)
 QUICK = dict(teacher_d=32, teacher_steps=30, teacher_batch=4, teacher_lr=5e-3, widths=(16,), student_steps=12,
-             student_lr=1e-2, seeds=(0, 1), evals=1, val_windows=16, curve_val_windows=8)
+             student_windows=8, student_lr=1e-2, seeds=(0, 1), evals=1, val_windows=16, curve_val_windows=8)
 
 
 def windows(ids: list[int], L: int) -> torch.Tensor:
@@ -123,30 +125,31 @@ def _run(cfg: Config, log, topk_dir: str) -> dict:
         f"{tok_s:.1f} s; {len(train_w)} train windows of {cfg.ctx} tokens, validation on {len(val)} windows "
         f"({val[:, 1:].numel()} tokens)")
     counts = torch.bincount(train_w[:, 1:].reshape(-1), minlength=cfg.vocab).double() + 1
-    unigram_ppl = float(torch.exp(-(counts / counts.sum()).log()[val[:, 1:].reshape(-1)].mean()))
+    unigram = (counts / counts.sum()).log().float()       # every model's initial lm_head bias
+    unigram_ppl = float(torch.exp(-unigram.double()[val[:, 1:].reshape(-1)].mean()))
 
     # ---- teacher
     log(f"\n[teacher] d={cfg.teacher_d}, {cfg.teacher_layers} layers, {cfg.heads} heads, {cfg.teacher_steps} steps of "
         f"{cfg.teacher_batch} windows, Adam lr {cfg.teacher_lr:g}")
-    teacher, tinfo = train.train_teacher(cfg, train_w, val, log)
+    teacher, tinfo = train.train_teacher(cfg, train_w, val, unigram, log)
     log(f"  teacher: {tinfo['params'] / 1e6:.2f} M parameters, validation perplexity {tinfo['val_ppl']:.1f}, "
         f"next-token accuracy {100 * tinfo['val_acc']:.1f}% ({tinfo['seconds']:.0f} s); "
         f"add-one unigram of the train split: perplexity {unigram_ppl:.0f}")
 
     # ---- the students' windows, the teacher's hidden states on them, the offline top-k files
-    n_s = cfg.student_steps * cfg.student_batch          # one epoch per seed, each in its own order
+    n_s = min(len(train_w), cfg.student_windows or cfg.student_steps * cfg.student_batch)  # each seed: its own order
     pick = torch.randperm(len(train_w), generator=torch.Generator().manual_seed(cfg.data_seed + 100))[:n_s]
     stud_w = train_w[pick.sort().values]
     ts = time.perf_counter()
     with torch.no_grad():
         th = torch.cat([teacher.hidden(stud_w[a:a + 32, :-1].unsqueeze(0))[0] for a in range(0, n_s, 32)])
-    tw = teacher.lm_head[0]
-    sizes = offline.write(lambda a, b: torch.matmul(th[a:b], tw.t()), n_s, cfg.ctx, cfg.vocab, cfg.topk, topk_dir)
+    tw, tbias = teacher.lm_head[0], teacher.lm_bias[0]
+    sizes = offline.write(lambda a, b: torch.matmul(th[a:b], tw.t()) + tbias, n_s, cfg.ctx, cfg.vocab, cfg.topk, topk_dir)
     stores = {k: offline.TopK(topk_dir, k) for k in cfg.topk}
     log(f"\n[offline teacher] top-{'/'.join(map(str, cfg.topk))} of the teacher on the students' {n_s} windows "
         f"written to {topk_dir} ({', '.join(f'k={k}: {v / 2**20:.1f} MiB' for k, v in sizes.items())}) and read "
         f"back memory-mapped ({time.perf_counter() - ts:.1f} s)")
-    tdata = {"hidden": th, "weight": tw, "topk": stores}
+    tdata = {"hidden": th, "weight": tw, "bias": tbias, "topk": stores}
 
     # ---- peak memory of each recipe's loss (one model's batch), then the students
     chosen = [R.BY_NAME[n] for n in cfg.recipes]
@@ -159,11 +162,13 @@ def _run(cfg: Config, log, topk_dir: str) -> dict:
         tb = train.teacher_batch(r, tdata, idx0)
         h = torch.randn(1, cfg.student_batch, cfg.ctx, max(cfg.widths), requires_grad=True)
         W = (torch.randn(1, cfg.vocab, max(cfg.widths)) * 0.02).requires_grad_()
-        peak, _ = peak_bytes(lambda: R.loss(r, h, W, y0, tb, soft_weight=cfg.soft_weight, hard_weight=cfg.hard_weight,
+        b = unigram.expand(1, cfg.vocab).clone().requires_grad_()
+        peak, _ = peak_bytes(lambda: R.loss(r, h, W, b, y0, tb, soft_weight=cfg.soft_weight, hard_weight=cfg.hard_weight,
                                             chunk_size=cfg.fused_chunk).sum().backward())
         memory[r.name] = peak
     log(f"\n[students] widths {list(cfg.widths)}, {cfg.student_layers} layers, {cfg.student_steps} steps of "
-        f"{cfg.student_batch} windows ({n_s * cfg.ctx} tokens per student), Adam lr {cfg.student_lr:g}; "
+        f"{cfg.student_batch} windows ({cfg.student_steps * cfg.student_batch * cfg.ctx} tokens per student, from a set "
+        f"of {n_s} windows), Adam lr {cfg.student_lr:g}; "
         f"KD recipes: {cfg.soft_weight:g} * T^2 * D + {cfg.hard_weight:g} * CE; val ppl on {len(curve_val)} windows")
     students = []
     for width in cfg.widths:
@@ -173,7 +178,7 @@ def _run(cfg: Config, log, topk_dir: str) -> dict:
                 log(f"  d={width:<3} {r.name:<18} {why}")
                 students.append(dict(recipe=r.name, width=width, unavailable=why))
                 continue
-            s = train.train_students(cfg, r, width, stud_w, val, curve_val, tdata, log)
+            s = train.train_students(cfg, r, width, stud_w, val, curve_val, tdata, unigram, log)
             students.append(s)
     seconds = time.perf_counter() - t0
     machine["load_after"] = _load()
@@ -201,7 +206,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, metavar="DIR",
                     help="write demo_lm.md (the table), demo_lm.json (every number) and demo_lm.png here")
     ap.add_argument("--seeds", type=int, default=None, help="number of student seeds (default 3; 2 with --quick)")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run (default: torch's)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch.set_num_threads for the run (default 1: on a shared 2-core machine two threads "
+                         "were up to 16x slower, spinning while waiting for each other; restored afterwards)")
     ap.add_argument("--recipes", nargs="+", default=None, choices=[r.name for r in R.RECIPES],
                     help="train only these recipes (default: all)")
     args = ap.parse_args(argv)

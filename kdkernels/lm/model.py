@@ -7,7 +7,11 @@ own seed, so a (width, seed) pair starts from the same weights under every recip
 
 Pre-LayerNorm blocks (attention with a causal mask through F.scaled_dot_product_attention,
 GELU MLP of 4 d), learned positions, the lm_head tied to the token embedding, no dropout;
-GPT-2's initialisation (normal 0.02; residual projections 0.02 / sqrt(2 layers)).
+GPT-2's initialisation (normal 0.02; residual projections 0.02 / sqrt(2 layers)). The lm_head
+has a bias, initialised to `logit_bias` (the demo passes the train split's log unigram
+frequencies): a model then starts at the unigram perplexity instead of V and spends its few
+steps on context rather than on token frequencies (measured: a d=64 student reached validation
+perplexity 357 in 200 steps with it, 668 without).
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from torch import Tensor, nn
 
 
 class BatchedGPT(nn.Module):
-    def __init__(self, seeds, vocab: int, d: int, layers: int, heads: int, ctx: int):
+    def __init__(self, seeds, vocab: int, d: int, layers: int, heads: int, ctx: int, logit_bias: Tensor | None = None):
         super().__init__()
         if d % heads:
             raise ValueError(f"d ({d}) must be a multiple of heads ({heads})")
@@ -34,6 +38,10 @@ class BatchedGPT(nn.Module):
         per_model = [self._init(shapes, s) for s in self.seeds]
         self.p = nn.ParameterDict({k.replace(".", "_"): nn.Parameter(torch.stack([pm[k] for pm in per_model]))
                                    for k in shapes})
+        bias = torch.zeros(vocab) if logit_bias is None else logit_bias.detach().float()
+        if bias.shape != (vocab,):
+            raise ValueError(f"logit_bias must have shape ({vocab},), got {tuple(bias.shape)}")
+        self.p["lm_bias"] = nn.Parameter(bias.expand(self.M, vocab).clone())
 
     def _init(self, shapes, seed):
         g = torch.Generator().manual_seed(seed)
@@ -85,10 +93,16 @@ class BatchedGPT(nn.Module):
         """(M, V, d): tied to the token embedding."""
         return self._w("wte")
 
+    @property
+    def lm_bias(self) -> Tensor:
+        """(M, V)."""
+        return self.p["lm_bias"]
+
     def logits(self, h: Tensor) -> Tensor:
         """(M, B, L, d) -> (M, B, L, V)."""
         M, B, L, d = h.shape
-        return torch.bmm(h.reshape(M, B * L, d), self.lm_head.transpose(1, 2)).view(M, B, L, self.V)
+        return torch.baddbmm(self.lm_bias.unsqueeze(1), h.reshape(M, B * L, d),
+                             self.lm_head.transpose(1, 2)).view(M, B, L, self.V)
 
     def n_params(self) -> int:
         """Parameters of one model."""

@@ -68,13 +68,13 @@ def needs(recipe: Recipe) -> str | None:
     return {"hard": None, "dense": "logits", "fused": "hidden", "topk": "topk"}[recipe.kind]
 
 
-def loss(recipe: Recipe, h: Tensor, W: Tensor, labels: Tensor, teacher: dict, *, soft_weight: float,
+def loss(recipe: Recipe, h: Tensor, W: Tensor, b: Tensor, labels: Tensor, teacher: dict, *, soft_weight: float,
          hard_weight: float, chunk_size: int | None = None) -> Tensor:
     """Each model's mean loss per position: (M,) (sum it for one backward over all M models).
 
-    h (M, B, L, d) students' final hidden states, W (M, V, d) their lm_head weights, labels
-    (M, B, L); teacher: "logits" (M, B, L, V) | "hidden" (M, B, L, d_t) with "weight" (V, d_t) |
-    "ids", "logprobs" (M, B, L, k), whichever the recipe needs.
+    h (M, B, L, d) students' final hidden states, W (M, V, d) and b (M, V) their lm_head weights
+    and biases, labels (M, B, L); teacher: "logits" (M, B, L, V) | "hidden" (M, B, L, d_t) with
+    "weight" (V, d_t) and "bias" (V,) | "ids", "logprobs" (M, B, L, k), whichever the recipe needs.
     """
     M, B, L, d = h.shape
     n = B * L
@@ -82,9 +82,10 @@ def loss(recipe: Recipe, h: Tensor, W: Tensor, labels: Tensor, teacher: dict, *,
               hard_weight=hard_weight)
     if recipe.kind == "fused":   # per model: fused_linear_kd_loss takes one (V, d) weight
         return torch.stack([fused_linear_kd_loss(h[m].reshape(n, d), W[m], teacher["hidden"][m].reshape(n, -1),
-                                                 teacher["weight"], labels[m].reshape(n), chunk_size=chunk_size,
-                                                 reduction="sum", **kw) for m in range(M)]) / n
-    logits = torch.bmm(h.reshape(M, n, d), W.transpose(1, 2)).view(M, B, L, -1)
+                                                 teacher["weight"], labels[m].reshape(n), student_bias=b[m],
+                                                 teacher_bias=teacher["bias"], chunk_size=chunk_size, reduction="sum",
+                                                 **kw) for m in range(M)]) / n
+    logits = torch.baddbmm(b.unsqueeze(1), h.reshape(M, n, d), W.transpose(1, 2)).view(M, B, L, -1)
     if recipe.kind == "hard":
         return F.cross_entropy(logits.reshape(M * n, -1), labels.reshape(-1), reduction="none").view(M, n).sum(1) / n
     kw["reduction"] = "none"

@@ -44,8 +44,8 @@ def evaluate(model: BatchedGPT, windows: torch.Tensor, batch: int = 16) -> tuple
     return torch.exp(nll / n), hits / n
 
 
-def train_teacher(cfg, windows: torch.Tensor, val: torch.Tensor, log) -> tuple[BatchedGPT, dict]:
-    model = BatchedGPT([cfg.teacher_seed], cfg.vocab, cfg.teacher_d, cfg.teacher_layers, cfg.heads, cfg.ctx)
+def train_teacher(cfg, windows: torch.Tensor, val: torch.Tensor, logit_bias: torch.Tensor, log) -> tuple[BatchedGPT, dict]:
+    model = BatchedGPT([cfg.teacher_seed], cfg.vocab, cfg.teacher_d, cfg.teacher_layers, cfg.heads, cfg.ctx, logit_bias)
     steps, B = cfg.teacher_steps, cfg.teacher_batch
     opt, sched = optimizer(model, cfg.teacher_lr, steps, max(1, steps // 10))
     order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(cfg.data_seed))
@@ -75,7 +75,7 @@ def teacher_batch(recipe, teacher: dict, idx: torch.Tensor) -> dict:
     """What `recipe` reads from the teacher for the windows idx (S, B) of the students' set.
 
     teacher: "hidden" (W, L, d_t), the frozen teacher's final hidden states of the students'
-    windows, computed once; "weight" (V, d_t) its lm_head; "topk" {k: offline.TopK}.
+    windows, computed once; "weight" (V, d_t) and "bias" (V,) its lm_head; "topk" {k: offline.TopK}.
     Dense recipes compute the teacher's logits from the hidden states every step (the (S, B, L, V)
     tensor an online teacher hands the loss); the fused recipe hands hidden and weight to
     fused_linear_kd_loss, which never forms them; top-k recipes read the stored files.
@@ -88,18 +88,19 @@ def teacher_batch(recipe, teacher: dict, idx: torch.Tensor) -> dict:
         return {"ids": ids, "logprobs": logprobs}
     h = teacher["hidden"][idx]                                                     # (S, B, L, d_t)
     if need == "hidden":
-        return {"hidden": h, "weight": teacher["weight"]}
+        return {"hidden": h, "weight": teacher["weight"], "bias": teacher["bias"]}
     S, B, L, dt = h.shape
-    return {"logits": torch.mm(h.reshape(-1, dt), teacher["weight"].t()).view(S, B, L, -1)}
+    return {"logits": torch.addmm(teacher["bias"], h.reshape(-1, dt), teacher["weight"].t()).view(S, B, L, -1)}
 
 
 def train_students(cfg, recipe, width: int, windows: torch.Tensor, val: torch.Tensor, curve_val: torch.Tensor,
-                   teacher: dict, log) -> dict:
+                   teacher: dict, logit_bias: torch.Tensor, log) -> dict:
     """The students of one (recipe, width), all seeds batched. windows: the students' (W, ctx+1)
-    training windows; each seed reads them in its own order, the same order under every recipe."""
+    training windows; each seed reads them in its own order (epoch after epoch, the same order
+    each time), the same order under every recipe."""
     S = len(cfg.seeds)
     model = BatchedGPT([10_000 * width + s for s in cfg.seeds], cfg.vocab, width, cfg.student_layers, cfg.heads,
-                       cfg.ctx)
+                       cfg.ctx, logit_bias)
     steps, B = cfg.student_steps, cfg.student_batch
     opt, sched = optimizer(model, cfg.student_lr, steps, max(1, steps // 10))
     orders = torch.stack([torch.randperm(len(windows), generator=torch.Generator().manual_seed(cfg.data_seed + 1 + s))
@@ -114,7 +115,7 @@ def train_students(cfg, recipe, width: int, windows: torch.Tensor, val: torch.Te
         idx = orders[:, torch.arange(step * B, (step + 1) * B) % len(windows)]        # (S, B)
         x, y = windows[idx, :-1], windows[idx, 1:]
         tb = teacher_batch(recipe, teacher, idx)
-        per_model = R.loss(recipe, model.hidden(x), model.lm_head, y, tb, soft_weight=cfg.soft_weight,
+        per_model = R.loss(recipe, model.hidden(x), model.lm_head, model.lm_bias, y, tb, soft_weight=cfg.soft_weight,
                            hard_weight=cfg.hard_weight, chunk_size=cfg.fused_chunk)
         opt.zero_grad(set_to_none=True)
         per_model.sum().backward()
