@@ -38,23 +38,23 @@ class Config:
     teacher_layers: int = 2
     teacher_steps: int = 800
     teacher_batch: int = 8             # windows per step
-    teacher_lr: float = 1.5e-3
+    teacher_lr: float = 3e-3
     teacher_seed: int = 0
     widths: tuple = (32, 64)           # student widths (d_model); same depth and heads as the teacher
     student_layers: int = 2
-    student_steps: int = 150
+    student_steps: int = 200
     student_batch: int = 4
     student_windows: int | None = None  # the students' training set; None: steps x batch (one epoch per seed)
-    student_lr: float = 2e-3
+    student_lr: float = 5e-3
     seeds: tuple = (0, 1, 2)           # student seeds: initialisation and data order
     data_seed: int = 1234              # the teacher's data order and the students' window set
     soft_weight: float = 0.5           # every KD recipe: soft_weight * T^2 * D + hard_weight * CE
     hard_weight: float = 0.5
     topk: tuple = (8, 64)
     fused_chunk: int = 64              # positions per chunk in fused_linear_kd_loss (4 chunks a batch)
-    evals: int = 5                     # validation points on each student's curve (besides step 0)
-    val_windows: int = 256             # final validation: windows spread evenly over the split
-    curve_val_windows: int = 48        # the curve's validation points: a subset of those
+    evals: int = 4                     # validation points on each student's curve (besides step 0)
+    val_windows: int = 192             # final validation: windows spread evenly over the split
+    curve_val_windows: int = 32        # the curve's validation points: a subset of those
     recipes: tuple = field(default_factory=lambda: tuple(r.name for r in R.RECIPES))
     threads: int | None = 1            # torch.set_num_threads for the run (None: leave as is); see main()
     quick: bool = False
@@ -132,6 +132,7 @@ def _run(cfg: Config, log, topk_dir: str) -> dict:
     log(f"\n[teacher] d={cfg.teacher_d}, {cfg.teacher_layers} layers, {cfg.heads} heads, {cfg.teacher_steps} steps of "
         f"{cfg.teacher_batch} windows, Adam lr {cfg.teacher_lr:g}")
     teacher, tinfo = train.train_teacher(cfg, train_w, val, unigram, log)
+    tinfo["curve_val_ppl"] = float(train.evaluate(teacher, curve_val)[0][0])   # for the plot's reference line
     log(f"  teacher: {tinfo['params'] / 1e6:.2f} M parameters, validation perplexity {tinfo['val_ppl']:.1f}, "
         f"next-token accuracy {100 * tinfo['val_acc']:.1f}% ({tinfo['seconds']:.0f} s); "
         f"add-one unigram of the train split: perplexity {unigram_ppl:.0f}")

@@ -114,7 +114,7 @@ def summary(result: dict) -> list[str]:
             full, ren, tail = (_row(result, width, f"top{k}-{m}") for m in ("full", "renormalized", "tail"))
             if full is None:
                 continue
-            s = f"d={width}: top-{k}: full {full['ppl'][0]:.1f}"
+            s = f"d={width}: top-{k}: full {full['ppl'][0]:.1f} (accuracy {100 * full['acc'][0]:.2f}%)"
             for name, r in (("renormalized", ren), ("tail", tail)):
                 if r is not None:
                     d = full["ppl"][0] - r["ppl"][0]
@@ -122,7 +122,7 @@ def summary(result: dict) -> list[str]:
             if ren is None and tail is None:
                 s += "; renormalized and tail: not available in this kdkernels"
             if dense:
-                s += f"; dense kl-T1 {dense['ppl'][0]:.1f}"
+                s += f"; dense kl-T1 {dense['ppl'][0]:.1f} (accuracy {100 * dense['acc'][0]:.2f}%)"
             lines.append(s)
         offline = [r for r in kd if r["recipe"].startswith("top")]
         online = [r for r in kd if r["recipe"] in ("kl-T1", "kl-T2", "rkl-T1", "rkl-T2")]
@@ -183,14 +183,20 @@ def plot(result: dict, path: str) -> str | None:
             color, ls = styles[kind]
             steps = [p[0] for p in s["curve"]]
             mean = [math.exp(statistics.fmean(math.log(v) for v in p[1])) for p in s["curve"]]
-            ax.plot(steps, mean, ls, color=color or plt.cm.tab20(i % 20), label=s["recipe"], lw=1.4)
-        ax.axhline(result["teacher"]["val_ppl"], color="gray", ls="-.", lw=1, label="teacher")
+            ax.plot(steps, mean, ls, color=color or plt.cm.tab20(i % 20), label=s["recipe"], lw=1.4,
+                    marker="x" if kind == "fused" else None)
+        ax.axhline(result["teacher"].get("curve_val_ppl", result["teacher"]["val_ppl"]), color="gray", ls="-.", lw=1,
+                   label="teacher")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel("student step")
-        ax.set_ylabel("validation perplexity (geometric mean over seeds)")
+        ax.set_ylabel(f"validation perplexity on {result['config']['curve_val_windows']} windows "
+                      "(geometric mean over seeds)")
         ax.set_title(f"students d={width}")
         ax.legend(fontsize=7, ncol=2)
-    fig.suptitle("kdkernels demo --lm: students distilled from a d=%d teacher" % result["config"]["teacher_d"])
+    fig.suptitle("kdkernels demo --lm: students distilled from a d=%d teacher (fused-kl-T1, x, lies on kl-T1)"
+                 % result["config"]["teacher_d"])
     fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
     return None
