@@ -94,7 +94,6 @@ def run(cfg: Config, log=print) -> dict:
 
 def _run(cfg: Config, log, topk_dir: str) -> dict:
     t0 = time.perf_counter()
-    torch.manual_seed(cfg.data_seed)   # nothing below draws from the global generator; this makes sure
     from .backends import resolve
     from .cli import cpu_name
     machine = dict(cpu=cpu_name(), cores=os.cpu_count(), threads=torch.get_num_threads(),
@@ -157,12 +156,13 @@ def _run(cfg: Config, log, topk_dir: str) -> dict:
     memory = {}
     idx0 = torch.arange(cfg.student_batch).unsqueeze(0)
     y0 = stud_w[idx0, 1:]
+    g = torch.Generator().manual_seed(0)   # every random draw of the run has its own generator
     for r in chosen:
         if R.unavailable(r):
             continue
         tb = train.teacher_batch(r, tdata, idx0)
-        h = torch.randn(1, cfg.student_batch, cfg.ctx, max(cfg.widths), requires_grad=True)
-        W = (torch.randn(1, cfg.vocab, max(cfg.widths)) * 0.02).requires_grad_()
+        h = torch.randn(1, cfg.student_batch, cfg.ctx, max(cfg.widths), generator=g).requires_grad_()
+        W = (torch.randn(1, cfg.vocab, max(cfg.widths), generator=g) * 0.02).requires_grad_()
         b = unigram.expand(1, cfg.vocab).clone().requires_grad_()
         peak, _ = peak_bytes(lambda: R.loss(r, h, W, b, y0, tb, soft_weight=cfg.soft_weight, hard_weight=cfg.hard_weight,
                                             chunk_size=cfg.fused_chunk).sum().backward())
