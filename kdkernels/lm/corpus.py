@@ -24,7 +24,7 @@ MODULES = (
     "unittest.case", "unittest.mock", "urllib.parse", "urllib.request", "uuid", "warnings", "weakref",
     "zipfile",
 )
-# Every 8th module of the list above (sorted, fixed) is validation: about 1/8 of the files.
+# Every 8th module of the list above from the 4th (fixed) is validation: 10 of the 76 files.
 VALIDATION = tuple(MODULES[i] for i in range(3, len(MODULES), 8))
 
 EOT = "<|endoftext|>"  # separates files in the token stream; the tokenizer's one special token
