@@ -210,8 +210,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch.set_num_threads for the run (default 1: on a shared 2-core machine two threads "
                          "were up to 16x slower, spinning while waiting for each other; restored afterwards)")
-    ap.add_argument("--recipes", nargs="+", default=None, choices=[r.name for r in R.RECIPES],
-                    help="train only these recipes (default: all)")
+    ap.add_argument("--recipes", nargs="+", default=None, choices=[r.name for r in R.RECIPES], metavar="NAME",
+                    help="train only these recipes (default: all: " + ", ".join(r.name for r in R.RECIPES) + ")")
     args = ap.parse_args(argv)
     cfg = Config(**(QUICK if args.quick else {}), quick=args.quick, threads=args.threads)
     if args.seeds is not None:
