@@ -10,7 +10,8 @@ COMMANDS = {
     "check": ("kdkernels.cli", "every available backend against the float64 reference: a PASS/FAIL table"),
     "bench": ("kdkernels.bench", "forward+backward time, peak memory and error of every backend and peer"),
     "report": ("kdkernels.report", "registers, spills, SASS and predicted H200 floors of every kernel (no GPU needed)"),
-    "demo": ("kdkernels.demo", "the lessons of knowledge distillation, reproduced on handwritten digits"),
+    "demo": ("kdkernels.demo", "the lessons of knowledge distillation, reproduced on handwritten digits;\n"
+             "         --lm [--quick]: distilling a small language model (kdkernels.demo_lm)"),
 }
 
 
@@ -24,6 +25,9 @@ def main(argv=None) -> int:
             print(f"\nunknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
+    if argv[0] == "demo" and "--lm" in argv[1:]:   # the LM demo has its own module and options
+        from . import demo_lm
+        return demo_lm.main([a for a in argv[1:] if a != "--lm"]) or 0
     mod = importlib.import_module(COMMANDS[argv[0]][0])
     return getattr(mod, f"main_{argv[0]}" if hasattr(mod, f"main_{argv[0]}") else "main")(argv[1:]) or 0
 
