@@ -166,8 +166,8 @@ def _kd_loss(student_logits, teacher_logits, labels, teacher_probs, opts: KDOpti
                                hard_weight=opts.hard_weight, ignore_index=opts.ignore_index,
                                teacher_grad=teacher_grad)
         return reduce_rows(loss, y, lead, opts)
-    loss, _, _ = ops.kd_fused(rows(s), rows(t), y, teacher_probs is not None, T, code, beta, opts.soft_scale,
-                              opts.hard_weight, opts.ignore_index, teacher_grad, opts.transforms, backend)
+    loss, _, _ = ops.kd_fused_call(rows(s), rows(t), y, teacher_probs is not None, T, code, beta, opts.soft_scale,
+                                   opts.hard_weight, opts.ignore_index, teacher_grad, opts.transforms, backend)
     return reduce_rows(loss, y, lead, opts)
 
 

@@ -8,6 +8,7 @@ re-validates. The divergence table feeds the argument check, the reference
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass, replace
@@ -161,12 +162,30 @@ def check_backend(backend) -> str:
 TOPK_MODES = ("full", "renormalized", "tail")
 
 
-def check_options(*, temperature=1.0, divergence="kl", beta=0.5, skew=0.1, soft_weight=1.0, hard_weight=0.0,
-                  t_squared=True, ignore_index=-100, reduction="mean", normalizer=None, backend="auto",
-                  inplace=False, teacher_topk_mode="full", teacher_topk_temperature=1.0,
-                  student_logit_scale=1.0, student_softcap=None, teacher_logit_scale=1.0,
-                  teacher_softcap=None) -> KDOptions:
-    """Validate the scalar options shared by every KD entry point; returns them as a KDOptions."""
+def check_options(**kwargs) -> KDOptions:
+    """Validate the scalar options shared by every KD entry point; returns them as a KDOptions.
+    Keyword arguments: the KDOptions fields. The same plain arguments give the same (immutable)
+    object from a small cache: per call, validation is then a dictionary lookup."""
+    if isinstance(kwargs.get("normalizer"), Tensor) or torch.compiler.is_compiling():
+        return _check_options(**kwargs)
+    try:
+        key = tuple(sorted((k, type(v), v) for k, v in kwargs.items()))  # type: 1 and True hash alike
+        hash(key)
+    except TypeError:  # an unhashable argument: validate it (and report it) the long way
+        return _check_options(**kwargs)
+    return _check_options_cached(key)
+
+
+@functools.lru_cache(maxsize=256)
+def _check_options_cached(key) -> KDOptions:
+    return _check_options(**{k: v for k, _, v in key})
+
+
+def _check_options(*, temperature=1.0, divergence="kl", beta=0.5, skew=0.1, soft_weight=1.0, hard_weight=0.0,
+                   t_squared=True, ignore_index=-100, reduction="mean", normalizer=None, backend="auto",
+                   inplace=False, teacher_topk_mode="full", teacher_topk_temperature=1.0,
+                   student_logit_scale=1.0, student_softcap=None, teacher_logit_scale=1.0,
+                   teacher_softcap=None) -> KDOptions:
     transforms = {}
     for name, value in (("student_logit_scale", student_logit_scale), ("teacher_logit_scale", teacher_logit_scale)):
         transforms[name] = _number(name, value, positive=True)
@@ -276,8 +295,9 @@ def check_labels(labels, s: Tensor, opts: KDOptions, name: str = "student_logits
         if labels.device != s.device:
             raise ValueError(f"labels is on {labels.device} but {name} is on {s.device}")
         if labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
-            bad = (labels != opts.ignore_index) & ((labels < 0) | (labels >= V))
-            if bool(bad.any()):
+            lo, hi = labels.aminmax()  # one pass; the detailed check only when something is outside
+            if (lo < 0 or hi >= V) and bool(((labels != opts.ignore_index) & ((labels < 0) | (labels >= V))).any()):
+                bad = (labels != opts.ignore_index) & ((labels < 0) | (labels >= V))
                 raise ValueError(f"labels must be in [0, {V}) or ignore_index={opts.ignore_index}, "
                                  f"got {labels[bad].flatten()[0].item()}")
     elif opts.hard_weight > 0:

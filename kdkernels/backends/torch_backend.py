@@ -48,14 +48,23 @@ def apply_labels(row_loss, dS, s, y, hard_weight, ignore_index, stats_t1=None):
     V = s.shape[-1]
     ignored = y == ignore_index
     bad = ((y < 0) | (y >= V)) & ~ignored
+    # On the CPU the masks are applied only where a row needs them (checking a [rows] vector costs
+    # nothing there; on a GPU it would be a sync, so there they are always applied).
+    cpu = y.device.type == "cpu"
+    any_bad = not cpu or bool(bad.any())
+    any_ignored = not cpu or bool(ignored.any())
     if hard_weight != 0:
-        y_safe = torch.where(ignored | bad, 0, y).unsqueeze(-1)
+        y_safe = (torch.where(ignored | bad, 0, y) if any_bad or any_ignored else y).unsqueeze(-1)
         z, sm, log_d = stats_t1 if stats_t1 is not None else M.centred_stats(s, 1.0)
         row_loss = row_loss + hard_weight * (log_d - z.gather(-1, y_safe)).squeeze(-1)
         dS.add_(sm, alpha=hard_weight)
         dS.scatter_add_(-1, y_safe, torch.full_like(y_safe, -hard_weight, dtype=dS.dtype))
-    row_loss = row_loss.masked_fill(bad, math.nan).masked_fill(ignored, 0.0)
-    dS.masked_fill_(bad.unsqueeze(-1), math.nan).masked_fill_(ignored.unsqueeze(-1), 0.0)
+    if any_bad:
+        row_loss = row_loss.masked_fill(bad, math.nan)
+        dS.masked_fill_(bad.unsqueeze(-1), math.nan)
+    if any_ignored:
+        row_loss = row_loss.masked_fill(ignored, 0.0)
+        dS.masked_fill_(ignored.unsqueeze(-1), 0.0)
     return row_loss, ignored
 
 
@@ -104,21 +113,25 @@ def kd_block(s, t, y, ws, grad_s, grad_t, *, teacher_is_probs, temperature, dive
     u = M.log_ratio(zt, log_dt, zs, log_ds, out=ws("u", n))
     hard_t1 = y is not None and hard_weight != 0 and temperature == 1.0  # the hard term reuses (zs, q)
     lq = torch.sub(zs, log_ds, out=ws("lq", n)) if divergence == M.SOFT_CE else None
-    D, (c_s, r_s), (c_t, r_t) = M.terms(divergence, beta, p, lq, q, u)
+    D, (c_s, r_s), (c_t, r_t) = M.terms(divergence, beta, p, lq, q, u, tmp=ws("tmp", n))
     D = M.split_accurate(divergence, beta, D, p, lq, q, u)
     row_loss = soft_scale * D.squeeze(-1)
     g_scale = soft_scale * inv_t  # d(soft_scale * D)/ds = soft_scale * dD/ds' / T
     dT = None
     if teacher_grad:
-        dT = M.grad(p, q, c_t, r_t, M.row_sum(p, r_t), out=ws("dt", n)).mul_(g_scale)
-    dS = M.grad(q, p, c_s, r_s, M.row_sum(q, r_s), out=ws("ds", n)).mul_(g_scale)
+        dT = M.grad(p, q, c_t, r_t, M.row_sum(p, r_t, tmp=ws("tmp", n)), out=ws("dt", n)).mul_(g_scale)
+    # straight into the gradient's rows when no cast is needed (saves a copy pass)
+    direct = grad_s.dtype == ws.dtype and grad_s.is_contiguous()
+    dS = M.grad(q, p, c_s, r_s, M.row_sum(q, r_s, tmp=ws("tmp", n)),
+                out=grad_s if direct else ws("ds", n)).mul_(g_scale)
     ignored = None
     if y is not None:
         stats = (zs, q, log_ds) if hard_t1 else None
         row_loss, ignored = apply_labels(row_loss, dS, xs, y, hard_weight, ignore_index, stats)
     if chain_s is not None:
         dS.mul_(chain_s)
-    grad_s.copy_(dS)
+    if not direct:
+        grad_s.copy_(dS)
     if teacher_grad:
         if chain_t is not None:
             dT.mul_(chain_t)
@@ -131,16 +144,86 @@ def kd_block(s, t, y, ws, grad_s, grad_t, *, teacher_is_probs, temperature, dive
     return row_loss
 
 
+def kd_small(student, teacher, labels, *, teacher_is_probs, temperature, divergence, beta, soft_scale,
+             hard_weight, ignore_index, teacher_grad, transforms=()):
+    """kd_forward for an input of at most SMALL_INPUT elements (classification sizes), where the
+    number of ops, not the elements, is the cost: kd_block's math on the whole input at once, with
+    fused log-softmaxes, no workspace, and the cancellation-free divergence for every row (no
+    per-row choice, which costs more ops than it saves here)."""
+    out_acc = _acc_dtype(student, teacher)
+    V = student.shape[-1]
+    # Up to TINY_INPUT elements the arithmetic is float64, where the plain sums are accurate and
+    # the cancellation-free forms' extra ops can go (per-op overhead is all the cost there); above
+    # it float64's slower kernels show, and float32 takes the accurate forms instead.
+    acc = torch.float64 if student.numel() <= TINY_INPUT else out_acc
+    inv_t = 1.0 / temperature
+    s = student.to(acc)
+    t = teacher.to(acc)
+    chain_s = chain_t = None
+    if transforms:
+        s, chain_s = transform(s, transforms[0], transforms[1])
+        if not teacher_is_probs:
+            t, chain_t = transform(t, transforms[2], transforms[3])
+    zs, q, log_ds = M.centred_stats(s, inv_t)
+    zt, p, log_dt = M.centred_stats(torch.log(t) if teacher_is_probs else t, inv_t)
+    u = M.log_ratio(zt, log_dt, zs, log_ds)
+    lq = zs - log_ds if divergence == M.SOFT_CE else None
+    cancelling = divergence in M.CANCELLING and acc != torch.float64
+    D, (c_s, r_s), (c_t, r_t) = M.terms(divergence, beta, p, lq, q, u, plain_sum=not cancelling)
+    if divergence == M.TVD and acc == torch.float64:
+        D = 0.5 * (p - q).abs().sum(-1, keepdim=True)
+    if cancelling:
+        D = M.accurate_divergence(divergence, beta, p, lq, q, u)
+    g_scale = soft_scale * inv_t
+    dS = M.grad(q, p, c_s, r_s, M.row_sum(q, r_s)).mul_(g_scale)
+    row_loss = soft_scale * D.squeeze(-1)
+    ignored = None
+    if labels is not None:
+        lo, hi = labels.aminmax() if labels.numel() else (0, 0)
+        clean = labels.device.type == "cpu" and 0 <= int(lo) and int(hi) < V and not 0 <= ignore_index < V
+        if clean:  # every label valid, none ignored: no masks
+            if hard_weight != 0:
+                l1 = (zs - log_ds) if inv_t == 1.0 else torch.log_softmax(s - s.amax(-1, keepdim=True), -1)
+                y = labels.unsqueeze(-1)
+                row_loss = row_loss - hard_weight * l1.gather(-1, y).squeeze(-1)
+                dS.add_(l1.exp_(), alpha=hard_weight).scatter_add_(-1, y, torch.full_like(y, -hard_weight,
+                                                                                         dtype=dS.dtype))
+        else:
+            stats = (zs, q, log_ds) if inv_t == 1.0 else None
+            row_loss, ignored = apply_labels(row_loss, dS, s, labels, hard_weight, ignore_index, stats)
+    if chain_s is not None:
+        dS.mul_(chain_s)
+    grad_t = torch.empty((0,), dtype=teacher.dtype, device=teacher.device)
+    if teacher_grad:
+        dT = M.grad(p, q, c_t, r_t, M.row_sum(p, r_t)).mul_(g_scale)
+        if chain_t is not None:
+            dT.mul_(chain_t)
+        if teacher_is_probs:
+            dT = torch.where(t == 0, 0.0, dT / t)
+        if ignored is not None:
+            dT.masked_fill_(ignored.unsqueeze(-1), 0.0)
+        grad_t = dT.to(teacher.dtype)
+    return row_loss.to(out_acc), dS.to(student.dtype), grad_t
+
+
+# Inputs up to this many elements compute kd_small in float64.
+TINY_INPUT = 1 << 12
+# Inputs up to this many elements take kd_small.
+SMALL_INPUT = 1 << 16
+
+
 def kd_forward(student, teacher, labels, *, teacher_is_probs, temperature, divergence, beta,
                soft_scale, hard_weight, ignore_index, teacher_grad, transforms=()):
     """Fused per-row loss and gradients (see kdkernels.ops.kd_fused for the contract). `beta` is
     the divergence's parameter (beta of jsd / symmetric_kl, the skew of skew_kl / skew_reverse_kl)."""
     N, V = student.shape
-    acc = _acc_dtype(student, teacher)
-    loss, grad_s, grad_t = _outputs(student, teacher, teacher_grad, acc)
     kw = dict(teacher_is_probs=teacher_is_probs, temperature=temperature, divergence=divergence, beta=beta,
               soft_scale=soft_scale, hard_weight=hard_weight, ignore_index=ignore_index, teacher_grad=teacher_grad,
               transforms=tuple(transforms))
+    if 0 < N * V <= SMALL_INPUT:
+        return kd_small(student, teacher, labels, **kw)
+    acc = _acc_dtype(student, teacher)
+    loss, grad_s, grad_t = _outputs(student, teacher, teacher_grad, acc)
     step = _rows_per_chunk(V)
     ws = M.Workspace(min(step, N), V, acc, student.device)
     for a in range(0, N, step):

@@ -40,24 +40,45 @@ KL, SOFT_CE, REVERSE_KL, JSD, TVD, SKEW_KL, SKEW_REVERSE_KL, SYMMETRIC_KL = (
     DIVERGENCES.index(n) for n in ("kl", "soft_ce", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl",
                                    "symmetric_kl"))
 # Divergences whose plain sum can cancel (a "distance" that is 0 when p = q).
-_CANCELLING = (KL, REVERSE_KL, JSD, SYMMETRIC_KL, SKEW_KL, SKEW_REVERSE_KL)
+CANCELLING = (KL, REVERSE_KL, JSD, SYMMETRIC_KL, SKEW_KL, SKEW_REVERSE_KL)
 ACCURATE_BELOW = 0.0625  # nats: rows whose plain divergence is smaller get the accurate form
+
+
+# On the CPU a boolean mask costs about 30x a multiply per element (a compare plus where /
+# masked_fill: 3.5 ns vs 0.1 ns at 25 K floats, torch 2.13), so the CPU paths below first ask a
+# reduction (a sum, a min: free next to a mask) whether the mask can change anything, and skip it
+# when not. On other devices the masks are applied unconditionally (a question would be a sync).
+
+
+def _cpu_all_finite(x: torch.Tensor) -> bool:
+    """On the CPU: whether every element of x is finite (its sum is; an overflowing sum of finite
+    values only costs the exact path)."""
+    return x.device.type == "cpu" and bool(torch.isfinite(x.sum()))
+
+
+def _cpu_min_above(x: torch.Tensor, bound: float) -> bool:
+    return x.device.type == "cpu" and x.numel() > 0 and bool(x.amin() > bound)
 
 
 def mul0(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a * b, exactly 0 where a == 0 (a zero probability times -inf or NaN is 0; NaN in a stays NaN)."""
-    return (a * b).masked_fill_(a == 0, 0.0)
+    prod = a * b
+    if _cpu_all_finite(prod):  # every product finite: where a == 0 it is already 0
+        return prod
+    return prod.masked_fill_(a == 0, 0.0)
 
 
-def sum_mul0(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row sums of mul0(a, b), keepdim. On the CPU the plain product is summed first and the mask
-    (two more passes) applied only if a row came out NaN: checking a [rows] vector costs nothing
-    there, whereas on a GPU it would be a sync."""
+def sum_mul0(a: torch.Tensor, b: torch.Tensor, tmp=None) -> torch.Tensor:
+    """Row sums of mul0(a, b), keepdim (the product in `tmp`, a buffer of a's shape, when given:
+    a fresh buffer of a chunk's size page-faults on the CPU). On the CPU the plain product is
+    summed first and the mask (two more passes) applied only if a row came out NaN: checking a
+    [rows] vector costs nothing there, whereas on a GPU it would be a sync."""
+    prod = torch.mul(a, b, out=tmp)
     if a.device.type == "cpu":
-        d = (a * b).sum(-1, keepdim=True)
+        d = prod.sum(-1, keepdim=True)
         if not bool(d.isnan().any()):
             return d
-    return mul0(a, b).sum(-1, keepdim=True)
+    return prod.masked_fill_(a == 0, 0.0).sum(-1, keepdim=True)
 
 
 class Workspace:
@@ -77,6 +98,12 @@ class Workspace:
         return x if x.dtype == self.dtype else self(name, x.shape[0]).copy_(x)
 
 
+# Blocks up to this many elements take the fused ATen log-softmax (at classification sizes the
+# number of ops is the cost); larger ones exp / sum / divide into workspace buffers (ATen's CPU
+# log-softmax is about twice slower per element there).
+SMALL_BLOCK = 1 << 15
+
+
 def centred_stats(x: torch.Tensor, inv_t: float, z_out=None, e_out=None):
     """(z, p, log d) of a float block along the last dim: z = (x - max x) / T, p = softmax(x / T),
     log d = log sum exp z (log p = z - log d; d >= 1). An all -inf (or +inf, or NaN) row gives
@@ -85,15 +112,21 @@ def centred_stats(x: torch.Tensor, inv_t: float, z_out=None, e_out=None):
     z = torch.sub(x, m, out=z_out)
     if inv_t != 1.0:
         z.mul_(inv_t)
-    e = torch.exp(z, out=e_out)
-    d = e.sum(-1, keepdim=True)
-    log_d = d.log()
-    near = d < 1.001  # d - 1 without the rounding of the 1 that the max entry contributes exactly
+    if x.numel() <= SMALL_BLOCK:
+        lp = torch.log_softmax(z, -1)
+        log_d = lp.amax(-1, keepdim=True).neg_()  # log p at the max entry (z = 0) is -log d
+        p = lp.exp_()
+    else:
+        p = torch.exp(z, out=e_out)
+        d = p.sum(-1, keepdim=True)
+        log_d = d.log()
+        p.div_(d)
+    near = log_d < 1e-3  # d - 1 without the rounding of the 1 that the max entry contributes exactly
     if x.device.type != "cpu" or bool(near.any()):
         top = z == 0
-        rest = e.masked_fill(top, 0.0).sum(-1, keepdim=True) + (top.sum(-1, keepdim=True) - 1)
+        rest = torch.exp(z).masked_fill_(top, 0.0).sum(-1, keepdim=True) + (top.sum(-1, keepdim=True) - 1)
         log_d = torch.where(near, torch.log1p(rest), log_d)
-    return z, e.div_(d), log_d
+    return z, p, log_d
 
 
 def log_ratio(zt, log_dt, zs, log_ds, out=None) -> torch.Tensor:
@@ -114,12 +147,18 @@ def log_softmax_and_softmax(x, inv_t: float = 1.0):
 def _p_phi(w, x, m):
     """w * phi(x), phi(x) = x - 1 + exp(-x), where m = w exp(-x): x + expm1(-x) for x > -1 (no
     cancellation for small |x|), w x - w + m below (no overflow)."""
-    return torch.where(x > -1.0, w * (x + torch.expm1(-x.clamp(min=-1.0))), w * x - w + m)
+    near = w * (x + torch.expm1(-x.clamp(min=-1.0)))
+    if _cpu_min_above(x, -1.0):
+        return near
+    return torch.where(x > -1.0, near, w * x - w + m)
 
 
 def _kl_phi(w, x, v) -> torch.Tensor:
     """KL(w || v) = sum_{w>0} w phi(x) + sum_{w=0} v, x = log w/v."""
-    return torch.where(w == 0, v, _p_phi(w, x, v)).sum(-1, keepdim=True)
+    terms = _p_phi(w, x, v)
+    if not _cpu_min_above(w, 0.0):
+        terms = torch.where(w == 0, v, terms)
+    return terms.sum(-1, keepdim=True)
 
 
 def log_w_over_mix(u, a: float) -> torch.Tensor:
@@ -128,6 +167,8 @@ def log_w_over_mix(u, a: float) -> torch.Tensor:
     if a >= 1.0:  # (1 - beta rounded to 1) m = w
         return torch.where(torch.isnan(u), u, torch.zeros_like(u))
     near = -torch.log1p((1.0 - a) * torch.expm1(-u.clamp(min=-1.0)))
+    if _cpu_min_above(u, -1.0):
+        return near
     far = -torch.logaddexp(torch.full_like(u, math.log(a)), math.log1p(-a) - u) if a > 0 else u - math.log1p(-a)
     return torch.where(u > -1.0, near, far)
 
@@ -154,12 +195,14 @@ def accurate_divergence(code: int, param: float, p, lq, q, u) -> torch.Tensor:
         # per-row error d in u (the log-sum-exps' rounding, ~1e-6) moves the two one-sided sums by
         # +d w_a and -d w_b (w: the teacher mass on each side), so their w-weighted mean is exact
         # to first order; the plain 0.5 sum |p - q| is not.
-        diff = torch.where(q == 0, p, q * torch.expm1(u))
-        up = diff > 0
+        diff = q * torch.expm1(u)
+        if not _cpu_min_above(q, 0.0):
+            diff = torch.where(q == 0, p, diff)
         a = diff.clamp(min=0).sum(-1, keepdim=True)
         b = (-diff).clamp(min=0).sum(-1, keepdim=True)
-        w_a = torch.where(up, p, 0.0).sum(-1, keepdim=True)
-        w_b = torch.where(up, 0.0, p).sum(-1, keepdim=True)
+        side = (p * torch.sign(diff)).sum(-1, keepdim=True)  # w_a - w_b (entries with p == q count to neither)
+        total = p.sum(-1, keepdim=True)
+        w_a, w_b = 0.5 * (total + side), 0.5 * (total - side)
         mean = (a * w_b + b * w_a) / (w_a + w_b)
         return torch.where(w_a * w_b > 0, mean, 0.5 * (a + b))
     if code == SOFT_CE:
@@ -169,25 +212,26 @@ def accurate_divergence(code: int, param: float, p, lq, q, u) -> torch.Tensor:
 
 # ---- plain sums and gradient coefficients ---------------------------------------------------
 
-def terms(code: int, param: float, p, lq, q, u, normalized: bool = True):
+def terms(code: int, param: float, p, lq, q, u, normalized: bool = True, plain_sum: bool = True, tmp=None):
     """(D [rows, 1], (c_s, r_s), (c_t, r_t)): the divergence as a plain sum (accurate for
     soft_ce and tvd; see split_accurate for the others) and the gradient coefficients of the
     module docstring (r None where unused). lq is read for soft_ce only. normalized=False: p and
-    q need not sum to 1 (a clamped top-k tail)."""
+    q need not sum to 1 (a clamped top-k tail). plain_sum=False: D is None where the caller takes
+    the accurate form anyway (kl, reverse_kl, symmetric_kl)."""
     c_s = c_t = 0.0
     r_s = r_t = None
     if code == KL:
-        D = sum_mul0(p, u)
+        D = sum_mul0(p, u, tmp) if plain_sum else None
         c_s, r_t = 1.0, u
     elif code == SOFT_CE:
-        D = -sum_mul0(p, lq)
+        D = -sum_mul0(p, lq, tmp)
         c_s, r_t = 1.0, -lq
     elif code == REVERSE_KL:
         r_s, c_t = -u, 1.0
-        D = sum_mul0(q, r_s)
+        D = -sum_mul0(q, u, tmp) if plain_sum else None
     elif code == SYMMETRIC_KL:  # (1 - beta) KL(p||q) + beta KL(q||p)
         b = param
-        D = (1 - b) * sum_mul0(p, u) - b * sum_mul0(q, u)
+        D = (1 - b) * sum_mul0(p, u) - b * sum_mul0(q, u) if plain_sum else None
         c_s, r_s, c_t, r_t = 1 - b, -b * u, b, (1 - b) * u
     elif code == JSD:  # beta KL(p||m) + (1 - beta) KL(q||m), m = beta p + (1 - beta) q
         # log q/m = -log(1 - beta) - softplus(u + logit(beta)); log p/m = -log(beta) - softplus(-logit - u):
@@ -244,7 +288,7 @@ def split_accurate(code: int, param: float, D, p, lq, q, u, plain=None) -> torch
     """D with the accurate form wherever the plain sum may have cancelled (module docstring).
     plain [rows, 1] bool: rows that keep the plain sum (their p or q does not sum to 1, which the
     accurate forms assume)."""
-    if code not in _CANCELLING:
+    if code not in CANCELLING:
         return D
     if D.device.type != "cpu":
         acc = accurate_divergence(code, param, p, lq, q, u)
@@ -252,16 +296,19 @@ def split_accurate(code: int, param: float, D, p, lq, q, u, plain=None) -> torch
     low = (D.abs() < ACCURATE_BELOW).squeeze(-1)
     if plain is not None:
         low &= ~plain.squeeze(-1)
-    if bool(low.any()):
+    n_low = int(low.sum())
+    if n_low == low.numel() and plain is None:  # every row: no gather / scatter of rows
+        return accurate_divergence(code, param, p, lq, q, u)
+    if n_low:
         idx = low.nonzero().squeeze(-1)
         D = D.clone()
         D[idx] = accurate_divergence(code, param, p[idx], None if lq is None else lq[idx], q[idx], u[idx])
     return D
 
 
-def row_sum(w, r):
+def row_sum(w, r, tmp=None):
     """sum w r over the block's columns (0 where w == 0), keepdim; 0 when r is unused."""
-    return torch.zeros_like(w[..., :1]) if r is None else sum_mul0(w, r)
+    return torch.zeros_like(w[..., :1]) if r is None else sum_mul0(w, r, tmp)
 
 
 def grad(w, v, c, r, G, out=None):
@@ -270,7 +317,9 @@ def grad(w, v, c, r, G, out=None):
     if r is None:
         g = torch.sub(w, v, out=out)
         return g if c == 1.0 else g.mul_(c)
-    g = torch.sub(r, G, out=out).mul_(w).masked_fill_(w == 0, 0.0)
+    g = torch.sub(r, G, out=out).mul_(w)
+    if not _cpu_all_finite(g):  # only then can a zero w meet an infinite r - G
+        g.masked_fill_(w == 0, 0.0)
     return g.add_(w - v, alpha=c) if c else g
 
 
