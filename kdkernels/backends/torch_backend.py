@@ -262,6 +262,7 @@ def softmax_backward(y: torch.Tensor, grad_y: torch.Tensor, temperature: float, 
 
 
 FULL, RENORMALIZED, TAIL = M.FULL, M.RENORMALIZED, M.TAIL  # top-k modes (kdkernels.teachers.TOPK_MODES)
+TOPK_CHUNK_ELEMS = 1 << 20
 
 
 def kd_topk_forward(student, ids, logprobs, labels, *, temperature, divergence, beta, soft_scale,
@@ -281,46 +282,62 @@ def kd_topk_forward(student, ids, logprobs, labels, *, temperature, divergence, 
     loss, grad_s, grad_t = _outputs(student, logprobs, teacher_grad, acc)
     inv_t = 1.0 / temperature
     g_scale = soft_scale * inv_t
-    step = _rows_per_chunk(V)
+    # Bigger chunks than the dense path's: a chunk's dense work is one or two passes, and the bins'
+    # many small ops cost per chunk, not per element.
+    step = max(1, TOPK_CHUNK_ELEMS // max(V, 1))
+    direct = grad_s.dtype == acc  # the gradient is built in its own rows (no copy pass)
     for a in range(0, N, step):
         b = min(N, a + step)
         s = student[a:b].to(acc)
         lp = logprobs[a:b].to(acc)
         present = lp != -math.inf  # NaN counts as present: it reaches its row
-        idx = torch.where(present, ids[a:b], 0)
+        # absent entries point at the row's first present id (any column would do for a read; for
+        # the writes below every absent entry then repeats a present column's own value)
+        some = present.any(-1, keepdim=True)  # a row with no present entry has no soft term
+        first = torch.where(some, ids[a:b].gather(-1, present.to(torch.uint8).argmax(-1, keepdim=True)), 0)
+        idx = torch.where(present, ids[a:b], first)
+        out = grad_s[a:b] if direct else torch.empty(s.shape, dtype=acc, device=s.device)
         if mode == RENORMALIZED:
-            xs = torch.where(present, s.gather(-1, idx), -math.inf)
-            lB, B = log_softmax_and_softmax(xs, inv_t)
-            q = rest = None
+            lB, B = log_softmax_and_softmax(torch.where(present, s.gather(-1, idx), -math.inf), inv_t)
+            rest = None
         else:
-            zs, q, log_ds = M.centred_stats(s, inv_t)
-            lB = torch.where(present, (zs - log_ds).gather(-1, idx), -math.inf)
-            B = torch.where(present, q.gather(-1, idx), 0.0)
-            # the student's mass off the present ids, summed (not 1 - sum, which cancels)
-            on = torch.zeros(s.shape, dtype=torch.uint8, device=s.device).scatter_reduce_(
-                -1, idx, present.to(torch.uint8), reduce="amax").bool()
-            rest = q.masked_fill(on, 0.0).sum(-1, keepdim=True)
+            # the row's statistics in four passes: max, centred exp (into the gradient's rows), sum;
+            # the gradient is then one scaling pass over the same buffer
+            m = s.amax(-1, keepdim=True)
+            e = torch.sub(s, m, out=out)
+            if inv_t != 1.0:
+                e.mul_(inv_t)
+            z_ids = e.gather(-1, idx)
+            e.exp_()
+            d = e.sum(-1, keepdim=True)
+            log_d = d.log()
+            lB = torch.where(present, z_ids - log_d, -math.inf)
+            B = lB.exp()
+            # the student's mass off the present ids: d minus theirs, unless that cancels (the ids
+            # hold nearly all of it; on the CPU, checked), then summed outside them
+            rest = (d - torch.where(present, e.gather(-1, idx), 0.0).sum(-1, keepdim=True)) / d
+            if s.device.type != "cpu" or bool((rest < 1e-2).any()):
+                rest = torch.where(rest < 1e-2, e.scatter(-1, idx, 0.0).sum(-1, keepdim=True) / d, rest)
         if mode == TAIL:
             lP = torch.where(present, lp, -math.inf)
             P = lP.exp()
         else:
             lP, P = log_softmax_and_softmax(torch.where(present, lp, -math.inf), teacher_temperature * inv_t)
         D, g_ids, rest_coef, dlp = M.topk_bins(divergence, beta, mode, P, lP, B, lB, rest, teacher_grad)
-        some = present.any(-1, keepdim=True)  # a row with no present entry has no soft term
         row_loss = soft_scale * torch.where(some, D, 0.0).squeeze(-1)
         if mode == RENORMALIZED:
-            dS = torch.zeros_like(s)
-        else:
-            dS = q.mul_(torch.where(some, rest_coef, 0.0))  # the rest of the row
-        # the present ids' entries; an absent entry adds 0 to column 0, so duplicates cannot race
-        g_ids = torch.where(present & some, g_ids, 0.0)
+            dS = out.zero_()
+        else:  # the rest of the row: q_j * rest_coef * g_scale, q = e / d
+            dS = e.mul_(torch.where(some, rest_coef, 0.0).mul_(g_scale).div_(d))
+        # the present ids' entries; an absent entry adds 0 to a present column, so duplicates cannot race
+        g_ids = torch.where(present & some, g_ids, 0.0).mul_(g_scale)
         dS.scatter_add_(-1, idx, torch.where(present, g_ids - dS.gather(-1, idx), 0.0))
-        dS.mul_(g_scale)
         ignored = None
         if labels is not None:
             row_loss, ignored = apply_labels(row_loss, dS, s, labels[a:b], hard_weight, ignore_index)
         loss[a:b] = row_loss
-        grad_s[a:b] = dS
+        if not direct:
+            grad_s[a:b] = dS
         if teacher_grad:
             # d loss / d logprobs: the tempered teacher's t' = logprobs * teacher_temperature / T
             lp_scale = soft_scale if mode == TAIL else soft_scale * teacher_temperature * inv_t
