@@ -22,15 +22,12 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _proc import vm_kib  # noqa: E402
+
 PATHS = ("unfused", "fused")
 
 
-def _vm_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def child(args) -> dict:
@@ -77,7 +74,7 @@ def child(args) -> dict:
         torch.cuda.reset_peak_memory_stats(dev)
         before = torch.cuda.memory_allocated(dev)
     else:
-        before = _vm_kib("VmRSS") * 1024
+        before = vm_kib("VmRSS") * 1024
         try:  # "5" resets the peak RSS (VmHWM) to the current RSS
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
@@ -88,7 +85,7 @@ def child(args) -> dict:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated(dev)
     else:
-        peak = _vm_kib("VmHWM") * 1024
+        peak = vm_kib("VmHWM") * 1024
     grad_norms = [float(h.grad.double().norm()), float(w.grad.double().norm())]
     times = []
     for _ in range(args.repeats):

@@ -16,13 +16,10 @@ import os
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _proc import vm_kib  # noqa: E402
 
-def _kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
+
 
 
 def main(argv=None) -> int:
@@ -53,14 +50,14 @@ def main(argv=None) -> int:
     need = 2 * s.numel() * s.element_size() + s.numel() * s.element_size()  # inputs + gradient
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    base = _kib("VmRSS")  # holds the inputs
+    base = vm_kib("VmRSS") * 1024  # holds the inputs
     t0 = time.perf_counter()
     loss = kdkernels.kd_loss(s, t, temperature=2.0, backend="torch", reduction="none")
     t1 = time.perf_counter()
     w = torch.linspace(0.5, 1.5, N)
     (loss * w).sum().backward()
     t2 = time.perf_counter()
-    peak = _kib("VmHWM")
+    peak = vm_kib("VmHWM") * 1024
     held_before = base - 2 * s.numel() * s.element_size()  # libraries, allocator state
     rows = torch.linspace(0, N - 1, 8).long()
     s64 = s.detach()[rows].double().requires_grad_()

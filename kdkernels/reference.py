@@ -134,10 +134,15 @@ def kd_loss(
     log_p = teacher_log_probs(teacher_logits, teacher_probs, temperature)
     soft = divergence_rows(log_p, log_q, divergence, beta, skew)
     per_pos = soft_weight * (temperature**2 if t_squared else 1.0) * soft
+    return _hard_term_and_reduction(per_pos, s, labels, hard_weight, ignore_index, reduction, normalizer)
+
+
+def _hard_term_and_reduction(per_pos, s, labels, hard_weight, ignore_index, reduction, normalizer):
+    """per-position soft loss -> + hard_weight * CE(s, label), 0 at ignored positions, reduced."""
     if labels is not None:
         ignored = labels == ignore_index
-        safe = torch.where(ignored, 0, labels).long()
         if hard_weight != 0:
+            safe = torch.where(ignored, 0, labels).long()
             ce = torch.logsumexp(s, -1) - s.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
             per_pos = per_pos + hard_weight * ce
         per_pos = torch.where(ignored, 0.0, per_pos)
@@ -224,24 +229,7 @@ def kd_loss_topk(student_logits, teacher_topk_ids, teacher_topk_logprobs, labels
             soft = torch.where(labels == ignore_index, 0.0, soft)
     # a position with no present entry has no soft term
     soft = torch.where(none.squeeze(-1), 0.0, soft)
-    per_pos = soft
-    if labels is not None:
-        ignored = labels == ignore_index
-        if hard_weight != 0:
-            safe = torch.where(ignored, 0, labels).long()
-            ce = torch.logsumexp(s, -1) - s.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-            per_pos = per_pos + torch.where(ignored, 0.0, hard_weight * ce)
-        count = (~ignored).sum()
-    else:
-        count = per_pos.numel()
-    if reduction == "none":
-        return per_pos
-    total = per_pos.sum()
-    if normalizer is not None:
-        return total / torch.as_tensor(normalizer, dtype=torch.float64)
-    if reduction == "sum":
-        return total
-    return total / max(int(count), 1)
+    return _hard_term_and_reduction(soft, s, labels, hard_weight, ignore_index, reduction, normalizer)
 
 
 def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
