@@ -56,14 +56,43 @@ __device__ __forceinline__ Pack<T, VEC> load_pack(const T* __restrict__ p, int n
   return r;
 }
 
-// Stores elements [0, n) of v at p, rounding to T; same vector / scalar rule as load_pack.
+// Two floats rounded to T (half / bfloat16) in one 32-bit word, the first in the low half (the
+// lower address): one paired conversion instruction for both.
+template <typename T> __device__ __forceinline__ unsigned pack2(float a, float b);
+template <> __device__ __forceinline__ unsigned pack2<__half>(float a, float b) {
+  const __half2 h = __floats2half2_rn(a, b);
+  unsigned u;
+  memcpy(&u, &h, sizeof(u));
+  return u;
+}
+template <> __device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float a, float b) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  unsigned u;
+  memcpy(&u, &h, sizeof(u));
+  return u;
+}
+
+// Stores elements [0, n) of v at p (global memory), rounding to T; same vector / scalar rule as
+// load_pack. A full pack goes out as one st.global.v4 / .v2 of 32-bit words (inline PTX): nvcc 13
+// split a plain store of the Pack, or of a uint4, into eight STG.E.U16 or four STG.E per pack
+// inside the row loops (the kernel report's SASS), whereas the asm fixes the width. The "memory"
+// clobber keeps it ordered like any store (kd_topk.cu overwrites some entries after a barrier).
 template <int VEC, typename T>
 __device__ __forceinline__ void store_pack(T* __restrict__ p, const float (&v)[VEC], int n, bool aligned) {
+  constexpr int kWords = static_cast<int>(sizeof(T)) * VEC / 4;
+  static_assert(kWords == 2 || kWords == 4, "a pack is 8 or 16 bytes");
   if (aligned && n == VEC) {
-    Pack<T, VEC> r;
+    unsigned w[kWords];
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) r.v[j] = from_float<T>(v[j]);
-    *reinterpret_cast<Pack<T, VEC>*>(p) = r;
+    for (int i = 0; i < kWords; ++i) {
+      if constexpr (sizeof(T) == 4) w[i] = __float_as_uint(v[i]);
+      else w[i] = pack2<T>(v[2 * i], v[2 * i + 1]);
+    }
+    if constexpr (kWords == 4)
+      asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
+                   : "memory");
+    else
+      asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(p), "r"(w[0]), "r"(w[1]) : "memory");
   } else {
 #pragma unroll
     for (int j = 0; j < VEC; ++j)
