@@ -105,31 +105,45 @@ __device__ __forceinline__ void store_pack(T* __restrict__ p, const float (&v)[V
 // max that lets a NaN through (fmaxf drops it): NaN in -> NaN out.
 __device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
 
-// Running (m, d): m = max x, d = sum exp(x - m). Empty state: (-inf, 0).
-// A +inf or NaN input leaves d = NaN, so that the row's log-sum-exp is NaN.
+// Running (m, r) of raw values x at a scale c > 0 (c = 1/T for tempered logits): m = max x and
+// d = sum exp((x - m) c) = 1 + r. Empty state: (-inf, -1), i.e. d = 0.
+// * Centred before scaled: (x - m) c carries a rounding of its own size, where x c - max(x) c
+//   carries eps |x c| (0.004 at |x| = 65504) into every log-probability (docs/numerics.md).
+// * The 1 that (one of) the max entries contributes stays out of r, so a nearly one-hot row keeps
+//   its remainder: log d = log1pf(r), where a sum that includes the 1 would round the rest away.
+//   Entries equal to the max are counted exactly (ties) rather than summed as exp(0).
+// A +inf or NaN input leaves r = NaN, so that the row's log-sum-exp is NaN.
 template <int VEC>
-__device__ __forceinline__ void maxsum_add(float& m, float& d, const float (&x)[VEC], int n) {
+__device__ __forceinline__ void maxsum_add(float& m, float& r, const float (&x)[VEC], int n, float c) {
   float mx = m;
 #pragma unroll
   for (int j = 0; j < VEC; ++j)
     if (j < n) mx = nan_max(mx, x[j]);
   if (mx == -INFINITY) return;  // nothing but -inf so far: still empty
-  float acc = d * __expf(m - mx);
+  const bool grew = mx != m;    // a new max (or NaN): the old 1 + r becomes part of r
+  float acc = grew ? (1.f + r) * __expf((m - mx) * c) : r;  // empty before: 0 * 0
+  float ties = grew ? -1.f : 0.f;  // one entry equal to the new max is the 1 outside r
 #pragma unroll
-  for (int j = 0; j < VEC; ++j)
-    if (j < n) acc += __expf(x[j] - mx);
+  for (int j = 0; j < VEC; ++j) {
+    if (j >= n) continue;
+    if (x[j] == mx) ties += 1.f;
+    else acc += __expf((x[j] - mx) * c);
+  }
   m = mx;
-  d = acc;
+  r = mx == INFINITY ? NAN : acc + ties;  // +inf: the exps of inf - inf were not taken above
 }
 
-__device__ __forceinline__ void maxsum_merge(float& m, float& d, float m2, float d2) {
+// Merges (m2, r2) into (m, r), both at scale c: the side with the larger max keeps its 1 apart,
+// the other side's 1 + r is rescaled into r. NaN in either max gives NaN.
+__device__ __forceinline__ void maxsum_merge(float& m, float& r, float m2, float r2, float c) {
   const float mx = nan_max(m, m2);
   if (mx == -INFINITY) return;  // both empty
-  d = d * __expf(m - mx) + d2 * __expf(m2 - mx);
+  r = m >= m2 ? r + (1.f + r2) * __expf((m2 - m) * c) : r2 + (1.f + r) * __expf((m - m2) * c);
   m = mx;
 }
 
-__device__ __forceinline__ float lse_of(float m, float d) { return m + logf(d); }
+// log-sum-exp of values already scaled (c = 1): m + log d.
+__device__ __forceinline__ float lse_of(float m, float r) { return m + log1pf(r); }
 
 // log(exp(a) + exp(b)), -inf when both are -inf (never NaN from -inf - -inf).
 __device__ __forceinline__ float logaddexp(float a, float b) {
@@ -142,12 +156,13 @@ __device__ __forceinline__ float logaddexp(float a, float b) {
 // a * b, exactly 0 where a == 0: a zero probability times -inf (or NaN) is 0; a NaN a stays NaN.
 __device__ __forceinline__ float mul0(float a, float b) { return a == 0.f ? 0.f : a * b; }
 
-// K/2 interleaved (m, d) pairs.
+// K/2 interleaved (m, r) pairs, pair k / 2 at scale c[k / 2] (as it was accumulated).
 template <int K>
 struct MaxSumOp {
+  float c[K / 2];
   __device__ __forceinline__ void operator()(float (&a)[K], const float (&b)[K]) const {
 #pragma unroll
-    for (int k = 0; k < K; k += 2) maxsum_merge(a[k], a[k + 1], b[k], b[k + 1]);
+    for (int k = 0; k < K; k += 2) maxsum_merge(a[k], a[k + 1], b[k], b[k + 1], c[k / 2]);
   }
 };
 

@@ -3,8 +3,8 @@
 //
 // One row pair (student s, teacher t, V entries) is handled by a cluster of C CTAs (C = 1 off
 // sm_90), CTA r owning the slice [r * slice, (r + 1) * slice). Passes over the slice:
-//   1  stats     online max / sum of s/T, t/T (and of s for the hard term at T != 1)
-//                -> log-sum-exps, combined across the cluster through distributed shared memory
+//   1  stats     online max of s, t and sum of exp((x - max) / T) (and of s - max for the hard
+//                term at T != 1), combined across the cluster through distributed shared memory
 //   2  divergence (reverse_kl, jsd, or any teacher gradient: the gradient needs D first)
 //   3  gradient  d loss / d s (and d loss / d t), plus D for kl / soft_ce without teacher grad
 // "Resident" plans copy the slice into shared memory during pass 1, so passes 2-3 read it from
@@ -12,6 +12,10 @@
 // Otherwise passes 2-3 re-read global memory (L2 if the row is still there).
 // Elements of a slice go to threads in 16-byte packs, pack i to thread i % blockDim.x in every
 // pass, so a thread re-reads in shared memory only what it wrote itself.
+// Numerics (docs/numerics.md, as kdkernels/backends/torch_math.py): logits are centred before
+// they are tempered, log q = (s - max s) / T - log d_s; the log-ratio u = log p - log q is formed
+// from the centred logits and one per-row constant; KL, reverse KL and jsd are summed in their
+// cancellation-free forms (w_phi below), which stay accurate when teacher and student are close.
 #pragma once
 
 #include <cstdio>
@@ -44,13 +48,41 @@ struct KdParams {
   int use_u;               // hard term at T != 1: needs the untempered log-sum-exp too
 };
 
+// w phi(x) with phi(x) = x - 1 + exp(-x) >= 0, given em = expm1(-x) and v = w exp(-x); v where
+// w == 0 (a zero weight contributes the other side's mass, never NaN). KL(w || v) is the row sum
+// of these with x = log w/v (docs/numerics.md): x + expm1(-x) above -1 carries eps |x| instead of
+// the plain sum's eps |log w|; w x - w + v below (em, possibly inf there, is not read). NaN x
+// (with w > 0) gives NaN.
+__device__ __forceinline__ float w_phi(float w, float x, float em, float v) {
+  return w == 0.f ? v : x > -1.f ? w * (x + em) : w * x - w + v;
+}
+
+// The entry's terms of KL(p||m) and KL(q||m), m = beta p + (1 - beta) q, from u = log p - log q.
+// One side's log-ratio in its near form: where u > -1, log p/m = -log1p(A), A = (1 - beta)
+// expm1(-u) (exact for small u); otherwise log q/m = -log1p(A), A = beta expm1(u). Then
+// expm1(-log w/m) = A for that side, and for the other side (x_other = x -+ u, a difference that
+// does not cancel on this branch) expm1(-x_other) = -(1 - a) E / (1 + E), E the expm1 above, a
+// the weight in A. One expm1f, one log1pf and one division for both terms; no overflow (E <= e - 1).
+__device__ __forceinline__ void jsd_terms(float pw, float qw, float u, float beta, float& tp, float& tq) {
+  const bool near_p = u > -1.f;
+  const float a = near_p ? 1.f - beta : beta;
+  const float E = expm1f(near_p ? -u : u);  // in [-1, e - 1]
+  const float A = a * E;
+  const float x = -log1pf(A);                                 // log p/m (near_p) or log q/m
+  const float em_other = -(1.f - a) * __fdividef(E, 1.f + E);  // read only where x_other > -1
+  const float x_other = near_p ? x - u : x + u;
+  const float mix = beta * pw + (1.f - beta) * qw;
+  tp = w_phi(pw, near_p ? x : x_other, near_p ? A : em_other, mix);
+  tq = w_phi(qw, near_p ? x_other : x, near_p ? em_other : A, mix);
+}
+
 template <typename TS, typename TT, int DIV, bool PROBS>
 __global__ void __launch_bounds__(kMaxThreads) kd_fwd_bwd_kernel(const KdParams p) {
   constexpr int VEC = 16 / (sizeof(TS) > sizeof(TT) ? sizeof(TS) : sizeof(TT));
   using PS = Pack<TS, VEC>;
   using PT = Pack<TT, VEC>;
   struct PackPair { PS s; PT t; };
-  struct Elem { float log_q, q, log_p, p; };
+  struct Elem { float log_q, q, log_p, p, u; };  // u = log p - log q
   // Packs per thread in flight in pass 1: 64 B of each input for 4-wide packs, 32 B for 8-wide
   // ones (more spills registers under the 128-register cap of 512 threads).
   constexpr int kLoadUnroll = VEC == 8 ? 2 : 4;
@@ -70,10 +102,11 @@ __global__ void __launch_bounds__(kMaxThreads) kd_fwd_bwd_kernel(const KdParams 
   const bool need_d_first = DIV == kReverseKL || DIV == kJSD || p.gt != nullptr;
   const float inv_t = p.inv_t;
 
-  // Tempered teacher logit: t / T, or log(P) / T with log(0) = -inf (p = 0, never NaN).
-  auto teacher_logit = [&](float t) -> float {
-    if constexpr (PROBS) return t == 0.f ? -INFINITY : logf(t) * inv_t;
-    else return t * inv_t;
+  // Raw teacher value, centred and tempered like a logit: t, or log(P) with log(0) = -inf (p = 0,
+  // never NaN).
+  auto teacher_raw = [&](float t) -> float {
+    if constexpr (PROBS) return t == 0.f ? -INFINITY : logf(t);
+    else return t;
   };
 
   for (int64_t row = blockIdx.x / C; row < p.N; row += gridDim.x / C) {
@@ -104,7 +137,9 @@ __global__ void __launch_bounds__(kMaxThreads) kd_fwd_bwd_kernel(const KdParams 
     }
 
     // ---- pass 1: statistics (and the copy on chip) ----
-    float st[6] = {-INFINITY, 0.f, -INFINITY, 0.f, -INFINITY, 0.f};  // (m, d) of s', t', s
+    // (m, r) of s and of the raw teacher at scale 1/T, of s at scale 1 (hard term at T != 1):
+    // m the raw max, d = 1 + r = sum exp((x - m) scale) (kd_common.cuh)
+    float st[6] = {-INFINITY, -1.f, -INFINITY, -1.f, -INFINITY, -1.f};
     pack_loop<kLoadUnroll, PackPair>(
         npacks,
         [&](int i, PackPair& pp) {
@@ -121,22 +156,22 @@ __global__ void __launch_bounds__(kMaxThreads) kd_fwd_bwd_kernel(const KdParams 
           float xs[VEC], xt[VEC];
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
-            xs[j] = to_float(pp.s.v[j]) * inv_t;
-            xt[j] = teacher_logit(to_float(pp.t.v[j]));
+            xs[j] = to_float(pp.s.v[j]);
+            xt[j] = teacher_raw(to_float(pp.t.v[j]));
           }
-          maxsum_add<VEC>(st[0], st[1], xs, n);
-          maxsum_add<VEC>(st[2], st[3], xt, n);
-          if (p.use_u) {
-#pragma unroll
-            for (int j = 0; j < VEC; ++j) xs[j] = to_float(pp.s.v[j]);
-            maxsum_add<VEC>(st[4], st[5], xs, n);
-          }
+          maxsum_add<VEC>(st[0], st[1], xs, n, inv_t);
+          maxsum_add<VEC>(st[2], st[3], xt, n, inv_t);
+          if (p.use_u) maxsum_add<VEC>(st[4], st[5], xs, n, 1.f);
         });
-    block_allreduce(st, red_stats, MaxSumOp<6>());
-    if (C > 1) cluster_allreduce(st, red_stats, C, MaxSumOp<6>());
-    const float lse_s = lse_of(st[0], st[1]);
-    const float lse_t = lse_of(st[2], st[3]);
-    const float lse_h = p.use_u ? lse_of(st[4], st[5]) : lse_s;  // at T == 1, s' == s
+    const MaxSumOp<6> stats_op{{inv_t, inv_t, 1.f}};
+    block_allreduce(st, red_stats, stats_op);
+    if (C > 1) cluster_allreduce(st, red_stats, C, stats_op);
+    // log q = z_s - ld_s with z_s = (s - m_s) / T; log p likewise; the hard term's log-softmax is
+    // (s - m_h) - ld_h (at T == 1 the student's own statistics)
+    const float m_s = st[0], ld_s = log1pf(st[1]);
+    const float m_t = st[2], ld_t = log1pf(st[3]);
+    const float m_h = p.use_u ? st[4] : m_s, ld_h = p.use_u ? log1pf(st[5]) : ld_s;
+    const float c_u = ld_t - ld_s;  // u = (z_t - z_s) - c_u: one rounding of a per-row constant
 
     auto load_src = [&](int i, PackPair& pp) {
       if (resident) {
@@ -150,28 +185,33 @@ __global__ void __launch_bounds__(kMaxThreads) kd_fwd_bwd_kernel(const KdParams 
     };
     auto elem = [&](float s, float t) {
       Elem e;
-      e.log_q = s * inv_t - lse_s;
+      const float zs = (s - m_s) * inv_t, zt = (teacher_raw(t) - m_t) * inv_t;
+      e.log_q = zs - ld_s;
       e.q = __expf(e.log_q);
-      e.log_p = teacher_logit(t) - lse_t;
+      e.log_p = zt - ld_t;
       e.p = __expf(e.log_p);
+      e.u = (zt - zs) - c_u;  // not log_p - log_q: that carries eps |log p| per entry
       return e;
     };
     auto log_mix = [&](const Elem& e) {  // log(beta p + (1 - beta) q)
       return logaddexp(e.log_p + p.log_beta, e.log_q + p.log1m_beta);
     };
-    // Terms that are exactly 0 where the weighting probability is 0 (0 * -inf is 0, not NaN).
+    // Per-entry terms of D, each >= 0 except soft_ce's (a zero weight gives the other side's
+    // mass, or 0 for soft_ce: never 0 * -inf = NaN). The sums are the accurate D that the loss and
+    // the gradient's (r - D) coefficients use.
     float dsum[2] = {0.f, 0.f};  // D (kl, soft_ce, reverse_kl) or (KL(p||m), KL(q||m)) for jsd
     auto add_terms = [&](const Elem& e) {
       if constexpr (DIV == kKL) {
-        dsum[0] += e.p == 0.f ? 0.f : e.p * (e.log_p - e.log_q);
+        dsum[0] += w_phi(e.p, e.u, expm1f(-e.u), e.q);
       } else if constexpr (DIV == kSoftCE) {
         dsum[0] -= e.p == 0.f ? 0.f : e.p * e.log_q;
       } else if constexpr (DIV == kReverseKL) {
-        dsum[0] += e.q == 0.f ? 0.f : e.q * (e.log_q - e.log_p);
+        dsum[0] += w_phi(e.q, -e.u, expm1f(e.u), e.p);
       } else {
-        const float lm = log_mix(e);
-        dsum[0] += e.p == 0.f ? 0.f : e.p * (e.log_p - lm);
-        dsum[1] += e.q == 0.f ? 0.f : e.q * (e.log_q - lm);
+        float tp, tq;
+        jsd_terms(e.p, e.q, e.u, p.beta, tp, tq);
+        dsum[0] += tp;
+        dsum[1] += tq;
       }
     };
 
@@ -202,12 +242,12 @@ __global__ void __launch_bounds__(kMaxThreads) kd_fwd_bwd_kernel(const KdParams 
         float ds, dt;  // dD/ds', dD/dt'
         if constexpr (DIV == kKL) {
           ds = e.q - e.p;
-          dt = e.p == 0.f ? 0.f : e.p * (e.log_p - e.log_q - D0);
+          dt = e.p == 0.f ? 0.f : e.p * (e.u - D0);
         } else if constexpr (DIV == kSoftCE) {
           ds = e.q - e.p;
           dt = e.p == 0.f ? 0.f : -e.p * (e.log_q + D0);
         } else if constexpr (DIV == kReverseKL) {
-          ds = e.q == 0.f ? 0.f : e.q * (e.log_q - e.log_p - D0);
+          ds = e.q == 0.f ? 0.f : e.q * (-e.u - D0);
           dt = e.p - e.q;
         } else {
           const float lm = log_mix(e);
@@ -217,7 +257,7 @@ __global__ void __launch_bounds__(kMaxThreads) kd_fwd_bwd_kernel(const KdParams 
         if (!need_d_first) add_terms(e);
         ds *= p.g_scale;
         if (p.hard) {
-          ds += p.hard_weight * (p.use_u ? __expf(s - lse_h) : e.q);
+          ds += p.hard_weight * (p.use_u ? __expf((s - m_h) - ld_h) : e.q);
           if (b + k + j == y) ds -= p.hard_weight;
         }
         gs[j] = bad ? NAN : ds;
@@ -236,7 +276,7 @@ __global__ void __launch_bounds__(kMaxThreads) kd_fwd_bwd_kernel(const KdParams 
     if (rank == 0 && threadIdx.x == 0) {
       const float D = DIV == kJSD ? p.beta * dsum[0] + (1.f - p.beta) * dsum[1] : dsum[0];
       float l = p.soft_scale * D;
-      if (p.hard && !bad) l += p.hard_weight * (lse_h - to_float(s_row[y - b]));
+      if (p.hard && !bad) l += p.hard_weight * ((m_h - to_float(s_row[y - b])) + ld_h);
       p.loss[row] = bad ? NAN : l;
     }
     if (C > 1) cluster_sync();  // peers are done reading this CTA's reduction slots

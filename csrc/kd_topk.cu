@@ -105,8 +105,9 @@ __global__ void __launch_bounds__(kMaxThreads) kd_topk_kernel(const TopkParams p
       continue;
     }
 
-    // ---- pass 1: (m, d) of s', s (hard term at T != 1) and the tempered teacher entries ----
-    float st[6] = {-INFINITY, 0.f, -INFINITY, 0.f, -INFINITY, 0.f};
+    // ---- pass 1: (m, r) of s', s (hard term at T != 1) and the tempered teacher entries ----
+    // (already scaled here: scale 1; kd_common.cuh: d = 1 + r, empty (-inf, -1))
+    float st[6] = {-INFINITY, -1.f, -INFINITY, -1.f, -INFINITY, -1.f};
     pack_loop<kLoadUnroll, PS>(
         npacks, [&](int i, PS& ps) { const int c = i * VEC; ps = load_pack<VEC>(s_row + c, min(VEC, V - c), in_al); },
         [&](int i, const PS& ps) {
@@ -114,19 +115,19 @@ __global__ void __launch_bounds__(kMaxThreads) kd_topk_kernel(const TopkParams p
           float x[VEC];
 #pragma unroll
           for (int j = 0; j < VEC; ++j) x[j] = to_float(ps.v[j]) * inv_t;
-          maxsum_add<VEC>(st[0], st[1], x, n);
+          maxsum_add<VEC>(st[0], st[1], x, n, 1.f);
           if (p.use_u) {
 #pragma unroll
             for (int j = 0; j < VEC; ++j) x[j] = to_float(ps.v[j]);
-            maxsum_add<VEC>(st[2], st[3], x, n);
+            maxsum_add<VEC>(st[2], st[3], x, n, 1.f);
           }
         });
     for (int j = threadIdx.x; j < K; j += blockDim.x) {
       const float x[1] = {load_as_float(p.lp, p.lp_dtype, kbase + j) * inv_t};
       sm_lp[j] = x[0];
-      maxsum_add<1>(st[4], st[5], x, 1);
+      maxsum_add<1>(st[4], st[5], x, 1, 1.f);
     }
-    block_allreduce(st, red_stats, MaxSumOp<6>());
+    block_allreduce(st, red_stats, MaxSumOp<6>{{1.f, 1.f, 1.f}});
     const float lse_s = lse_of(st[0], st[1]);
     const float lse_h = p.use_u ? lse_of(st[2], st[3]) : lse_s;  // at T == 1, s' == s
     const float lse_t = lse_of(st[4], st[5]);

@@ -1,6 +1,7 @@
 // Tempered (log-)softmax forward and backward along rows: one CTA per row, two passes
 // (statistics, then the output), 16-byte packs, deterministic block reductions.
-//   forward   y = softmax(x / T)              or  x / T - lse(x / T)
+//   forward   y = softmax(x / T)              or  log_softmax(x / T), computed centred:
+//             log y = (x - max x) / T - log d, d = sum exp((x - max x) / T) (kd_common.cuh)
 //   backward  gx = y * (gy - sum(gy * y)) / T  or  (gy - exp(y) * sum(gy)) / T
 #include "kd_common.cuh"
 #include "kd_launch.h"
@@ -18,24 +19,24 @@ softmax_fwd_kernel(const T* __restrict__ x, int64_t x_stride, T* __restrict__ y,
     const T* xr = x + row * x_stride;
     T* yr = y + row * static_cast<int64_t>(V);
     const bool al_x = is_aligned(xr, sizeof(Pack<T, VEC>)), al_y = is_aligned(yr, sizeof(Pack<T, VEC>));
-    float st[2] = {-INFINITY, 0.f};
+    float st[2] = {-INFINITY, -1.f};  // (m, r) of the raw x at scale 1/T
     for (int i = threadIdx.x; i < npacks; i += blockDim.x) {
       const int k = i * VEC, n = min(VEC, V - k);
       const Pack<T, VEC> px = load_pack<VEC>(xr + k, n, al_x);
       float v[VEC];
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) v[j] = to_float(px.v[j]) * inv_t;
-      maxsum_add<VEC>(st[0], st[1], v, n);
+      for (int j = 0; j < VEC; ++j) v[j] = to_float(px.v[j]);
+      maxsum_add<VEC>(st[0], st[1], v, n, inv_t);
     }
-    block_allreduce(st, red, MaxSumOp<2>());
-    const float lse = lse_of(st[0], st[1]);
+    block_allreduce(st, red, MaxSumOp<2>{{inv_t}});
+    const float m = st[0], log_d = log1pf(st[1]);
     for (int i = threadIdx.x; i < npacks; i += blockDim.x) {
       const int k = i * VEC, n = min(VEC, V - k);
       const Pack<T, VEC> px = load_pack<VEC>(xr + k, n, al_x);
       float v[VEC];
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        const float l = to_float(px.v[j]) * inv_t - lse;
+        const float l = (to_float(px.v[j]) - m) * inv_t - log_d;
         v[j] = LOG ? l : __expf(l);
       }
       store_pack<VEC>(yr + k, v, n, al_y);
