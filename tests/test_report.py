@@ -161,10 +161,13 @@ def test_quick_report_reads_the_hot_loops(quick_report):
     assert by[("kl", 8192)]["launches"][0]["meta"]["ONE_BLOCK"]
 
 
-@pytest.mark.skipif(not any(os.access(os.path.join(d, "nvcc"), os.X_OK)
-                            for d in os.environ.get("PATH", "").split(os.pathsep) +
-                            [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin")]),
-                    reason="nvcc not installed")
+needs_nvcc = pytest.mark.skipif(not any(os.access(os.path.join(d, "nvcc"), os.X_OK)
+                                        for d in os.environ.get("PATH", "").split(os.pathsep) +
+                                        [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin")]),
+                                reason="nvcc not installed")
+
+
+@needs_nvcc
 def test_quick_report_cuda_kernels_have_no_spills(quick_report):
     assert "cuda_error" not in quick_report, quick_report.get("cuda_error")
     kernels = quick_report["cuda_kernels"]
@@ -174,3 +177,15 @@ def test_quick_report_cuda_kernels_have_no_spills(quick_report):
         assert k["spill_stores"] == 0 and k["spill_loads"] == 0 and k["local_bytes"] == 0 and k["local_ops"] == 0, label
         assert k["passes"], label
     assert quick_report["cuda"]
+
+
+@needs_nvcc
+def test_quick_report_cuda_aligned_stores_are_16_bytes(quick_report):
+    """On the aligned path every output pack is one STG.E.128 (csrc/kd_common.cuh store_pack):
+    nvcc had split a plain store of the pack into eight STG.E.U16 for the fused kernel's student
+    gradient and the softmax output."""
+    for label, k in quick_report["cuda_kernels"].items():
+        stores = [p["memory"] for p in k["passes"] if any(op.startswith("STG") for op in p["memory"])]
+        assert stores, label
+        for m in stores:
+            assert {op for op in m if op.startswith("STG")} == {"STG.E.128"}, (label, m)
