@@ -325,6 +325,90 @@ def test_agrees_with_triton(cuda, divergence, dtype):
     assert_close(out["cuda"][1], out["triton"][1], grad_rtol * 2, grad_atol * 2 * scale, "grad vs triton")
 
 
+# ---- GPU: numerics at the edges of the input range (docs/numerics.md) --------------------------
+# tests/test_numerics.py runs both regimes on the default path; here each execution path (the
+# cluster merges of the (max, rest) statistics, one CTA, streaming) and what test_numerics does
+# not reach: the hard term's untempered statistics and the tempered softmax kernel.
+
+EDGE_V = 32000  # H200: float32 -> cluster of 4 / streaming; bfloat16 -> cluster of 2 / one CTA
+
+
+def _edge_rows(kind, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    N, V = 4, EDGE_V
+    if kind == "extreme":  # half the logits near +65504, the rest near -65504; disjoint supports
+        s = torch.where(torch.rand(N, V, generator=g) < 0.5, 65504.0, -65504.0) - torch.rand(N, V, generator=g) * 100
+        t = torch.where(torch.rand(N, V, generator=g) < 0.5, 65504.0, -65504.0) - torch.rand(N, V, generator=g) * 100
+        t = torch.where(s > 0, -65504.0 + torch.rand(N, V, generator=g), t)
+    else:  # teacher = student + 0.01 noise: the divergence is orders of magnitude below its terms
+        s = torch.randn(N, V, generator=g) * 2
+        t = s + 0.01 * torch.randn(N, V, generator=g)
+    return s.to(dtype).to(device), t.to(dtype).to(device)
+
+
+def _rel_err(out, ref):
+    return ((out.detach().double().cpu() - ref).abs() / ref.abs().clamp_min(1e-300)).max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_edge_numerics_every_path(cuda, path, divergence, dtype):
+    """Loss within 1e-5 of float64 for logits up to |65504| (T = 1, 0.5), within 1e-3 with the
+    teacher close to the student (T = 0.05, 50; float32), gradients within the suite's table."""
+    cases = [("extreme", 1.0), ("extreme", 0.5)] + ([("close", 0.05), ("close", 50.0)] if dtype == torch.float32 else [])
+    for kind, T in cases:
+        s, t = _edge_rows(kind, dtype, cuda, seed=3)
+        kw = dict(temperature=T, divergence=divergence, beta=0.3, reduction="none")
+        out = kdkernels.kd_loss(s, t, backend="cuda", **kw)
+        ref = reference.kd_loss(s.cpu().double(), t.cpu().double(), **kw)
+        inf = torch.isinf(ref)  # KL(q||p) is honestly infinite where p = 0 < q
+        assert torch.equal(torch.isinf(out.cpu()), inf), (kind, T, out, ref)
+        if inf.any():
+            continue
+        assert _rel_err(out, ref) <= (1e-5 if kind == "extreme" else 1e-3), (kind, T, out, ref)
+        assert_matches_reference(s, t, backend="cuda", **kw)
+
+
+@pytest.mark.parametrize("T", [1.0, 0.5])
+def test_hard_term_from_centred_statistics(cuda, path, T):
+    """The hard cross-entropy is (max s - s_y) + log1p(rest), from the untempered statistics at
+    T != 1 and the student's own at T == 1: within 1e-5 of float64 at |s| ~ 65504 (rows 0-2) and
+    for a confident correct prediction whose cross-entropy is ~4e-5 (rows 3-5; near 0, where the
+    float64 reference itself resolves it). Teacher = student, so the soft term is exactly 0 and
+    the loss is the hard term alone. float32: bfloat16 spaces its values 256 apart near 65504."""
+    g = torch.Generator().manual_seed(4)
+    N, V = 6, EDGE_V
+    s = 65504.0 - torch.rand(N, V, generator=g) * 100
+    s[3:] = -16.0 - torch.rand(3, V, generator=g) * 100
+    s[3:, 7] = 0.0                         # the label's logit is the row max, 16 above the rest
+    y = torch.randint(0, V, (N,), generator=g)
+    y[3:] = 7
+    s, y = s.to(cuda), y.to(cuda)
+    kw = dict(temperature=T, hard_weight=1.0, reduction="none")
+    out = kdkernels.kd_loss(s, s, y, backend="cuda", **kw)
+    ref = reference.kd_loss(s.cpu().double(), s.cpu().double(), y.cpu(), **kw)
+    assert float(ref[3:].max()) < 1e-4 and _rel_err(out, ref) <= 1e-5, (out, ref)
+    assert_matches_reference(s, s, y, backend="cuda", **kw)
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_tempered_softmax_centred(cuda, log):
+    """(log_)softmax(x / T) from (x - max x) / T: at x ~ 65504 each output keeps float32's relative
+    accuracy (x / T - lse(x / T) carried eps |x / T| ~ 0.002 into every log-probability), and a
+    nearly one-hot row keeps the log-probability of its top entry (-log1p of the rest, ~1e-5)."""
+    g = torch.Generator().manual_seed(6)
+    T = 2.0
+    x = 65504.0 - torch.rand(3, 4000, generator=g) * 100
+    x[2] = -T * (16.0 + torch.rand(4000, generator=g) * 50)
+    x[2, 0] = 0.0                          # row 2: entry 0 is 16 (tempered) above the rest
+    x = x.to(cuda)
+    fn = kdkernels.tempered_log_softmax if log else kdkernels.tempered_softmax
+    y = fn(x, T, backend="cuda")
+    r = reference.tempered_log_softmax(x.cpu(), T)
+    assert 1e-7 < float(-r[2, 0]) < 1e-4
+    assert_close(y, r if log else r.exp(), 2e-5, 0.0, "extreme logits, float32")
+
+
 # ---- GPU: offline top-k teachers (csrc/kd_topk.cu) ---------------------------------------------
 
 def _topk_case(N, V, k, dtype, device, lp_dtype=None, seed=0):
