@@ -124,10 +124,11 @@ __device__ __forceinline__ void maxsum_add(float& m, float& r, const float (&x)[
   float acc = grew ? (1.f + r) * __expf((m - mx) * c) : r;  // empty before: 0 * 0
   float ties = grew ? -1.f : 0.f;  // one entry equal to the new max is the 1 outside r
 #pragma unroll
-  for (int j = 0; j < VEC; ++j) {
-    if (j >= n) continue;
-    if (x[j] == mx) ties += 1.f;
-    else acc += __expf((x[j] - mx) * c);
+  for (int j = 0; j < VEC; ++j) {  // selects, not branches: the exp of a lane >= n is dropped
+    const float e = __expf((x[j] - mx) * c);
+    const bool tie = j < n && x[j] == mx;
+    acc += j < n && !tie ? e : 0.f;
+    ties += tie ? 1.f : 0.f;
   }
   m = mx;
   r = mx == INFINITY ? NAN : acc + ties;  // +inf: the exps of inf - inf were not taken above
