@@ -25,8 +25,11 @@ def auto_chunk_size(N: int, V: int, dtype: torch.dtype, device: torch.device, hi
     """Rows of logits per chunk.
 
     Per row the chunk holds the student and teacher logits and the kernel's gradient in `dtype`
-    (on Triton the gradient overwrites the student logits) plus about three float32 work values.
-    CPU: about 32 MiB of such buffers (cache-sized). GPU: max(GPU_MIN_ROWS, hidden / 8) rows,
+    (the logits dtype: float32 for half-precision inputs; on Triton the gradient overwrites the
+    student logits) plus about three float32 work values. CPU: about 192 MiB of such buffers,
+    64 to 512 rows: grad_W += g^T h (K = rows) reads and writes the whole (V, H) weight gradient
+    per chunk, so a few dozen rows leave it memory-bound (the elementwise steps run on cache-sized
+    blocks of each chunk anyway). GPU: max(GPU_MIN_ROWS, hidden / 8) rows,
     which keeps the chunk's logits below about a quarter of the (V, hidden) weight gradient that
     must exist anyway, and the weight-gradient GEMMs compute-bound; fewer if an eighth of the free
     memory is smaller. When N is at most two such chunks it runs as one chunk (no weight-gradient
@@ -39,7 +42,7 @@ def auto_chunk_size(N: int, V: int, dtype: torch.dtype, device: torch.device, hi
         if N <= 2 * rows and N * per_row <= free // 4:
             rows = N
     else:
-        rows = (32 << 20) // max(per_row, 1)
+        rows = min(512, max(64, (192 << 20) // max(per_row, 1)))
     rows = max(1, rows)
     if 64 <= rows < N:
         rows -= rows % 64  # whole GEMM tiles

@@ -118,32 +118,47 @@ class _Head:
             s += self.b
         return s, x
 
-    def transform(self, s):
-        """The model's logits: z = softcap * tanh(scale * s / softcap) (or scale * s). Returns z and
-        dz/ds (None for the identity, a float, or a tensor); s's storage is reused."""
+    def transform(self, s, step):
+        """The model's logits: z = softcap * tanh(scale * s / softcap) (or scale * s), `step` rows at a
+        time. Returns z and dz/ds (None for the identity, a float, or a tensor in s's storage)."""
         if not self.softcap:
             if self.scale == 1.0:
                 return s, None
             return s.mul_(self.scale), self.scale
-        th = s.mul_(self.scale / self.softcap).tanh_()
-        z = th * self.softcap
-        return z, th.square_().neg_().add_(1.0).mul_(self.scale)  # scale * (1 - tanh^2), over th
+        z = torch.empty_like(s)
+        for a in range(0, s.shape[0], step):
+            th = s[a:a + step].mul_(self.scale / self.softcap).tanh_()
+            torch.mul(th, self.softcap, out=z[a:a + step])
+            th.square_().neg_().add_(1.0).mul_(self.scale)  # dz/ds = scale * (1 - tanh^2), over tanh
+        return z, s
 
-    def transform_(self, s):
+    def transform_(self, s, step):
         """transform, in place, without the derivative (the teacher)."""
         if self.softcap:
-            return s.mul_(self.scale / self.softcap).tanh_().mul_(self.softcap)
-        return s.mul_(self.scale) if self.scale != 1.0 else s
+            for a in range(0, s.shape[0], step):
+                s[a:a + step].mul_(self.scale / self.softcap).tanh_().mul_(self.softcap)
+        elif self.scale != 1.0:
+            s.mul_(self.scale)
+        return s
 
 
-def _entropy(z, inv_t):
-    """Entropy of softmax(z / T) per row, centred (log d - sum e y / d with y = z / T - max <= 0):
-    two (rows, V) temporaries and one exp per element."""
-    y = z * inv_t
-    y -= y.amax(-1, keepdim=True)
-    e = y.exp()
-    d = e.sum(-1)
-    return d.log() - e.mul_(y).sum(-1) / d
+def _entropy(z, inv_t, step):
+    """Entropy of softmax(z / T) per row, `step` rows at a time, centred (log d - sum e y / d with
+    y = z / T - max <= 0): two (step, V) temporaries and one exp per element."""
+    out = torch.empty(z.shape[0], dtype=z.dtype, device=z.device)
+    for a in range(0, z.shape[0], step):
+        y = z[a:a + step] * inv_t
+        y -= y.amax(-1, keepdim=True)
+        e = y.exp()
+        d = e.sum(-1)
+        out[a:a + step] = d.log() - e.mul_(y).sum(-1) / d
+    return out
+
+
+def _block_rows(V: int, device: torch.device, chunk: int) -> int:
+    """Rows per elementwise step (transform, entropy, chain rule): cache-sized on CPUs (2**18
+    elements, as the torch backend's blocks), the whole chunk elsewhere (fewer launches)."""
+    return max(1, (1 << 18) // max(V, 1)) if device.type == "cpu" else chunk
 
 
 def lm_head_forward(backend, hidden, weight, bias, t_hidden, t_weight, t_bias, topk_ids, topk_logprobs, labels, *,
@@ -195,32 +210,36 @@ def lm_head_forward(backend, hidden, weight, bias, t_hidden, t_weight, t_bias, t
     kw = dict(temperature=temperature, divergence=divergence, beta=beta, soft_scale=soft_scale,
               hard_weight=hard_weight, ignore_index=ignore_index, teacher_grad=False)
     inv_t = 1.0 / temperature
+    step = _block_rows(V, dev, chunk_size)
     for a in range(0, n, chunk_size):
         b = min(n, a + chunk_size)
         where = slice(a, b) if keep is None else keep[a:b]
         s, x = s_head.logits(h[a:b])
-        z, dz = s_head.transform(s)
+        z, dz = s_head.transform(s, step)
         if want_entropy:
-            entropy[where] = _entropy(z, inv_t).to(acc)
+            entropy[where] = _entropy(z, inv_t, step).to(acc)
         yc = None if y is None else y[a:b]
         if topk_mode >= 0:
             loss, g, _ = mod.kd_topk_forward(z, ids[a:b], lps[a:b], yc, mode=topk_mode,
                                              teacher_temperature=topk_temperature, **kw)
         else:
-            t = t_head.transform_(t_head.logits(th[a:b])[0])
+            t = t_head.transform_(t_head.logits(th[a:b])[0], step)
             if into is not None and compute_grads:
                 loss, _ = into(z, t, yc, z, teacher_is_probs=False, **kw)
                 g = z
             else:
                 loss, g, _ = mod.kd_forward(z, t, yc, teacher_is_probs=False, **kw)
             del t
-        del s, z
+        del z
         total += loss.sum()
         if not compute_grads:
             continue
-        if dz is not None:
-            g = g.mul_(dz)
-        del dz
+        if isinstance(dz, torch.Tensor):
+            for c in range(0, g.shape[0], step):
+                g[c:c + step].mul_(dz[c:c + step])
+        elif dz is not None:
+            g.mul_(dz)
+        del s, dz
         if grad_b.numel():
             grad_b += g.sum(0, dtype=b_acc)
         go = s_head.operand(g)
