@@ -150,7 +150,13 @@ def main(argv=None) -> int:
         r.pop("results")
         print(json.dumps(r))
         return 0
-    own = [a for a in (argv if argv is not None else sys.argv[1:])]
+    try:
+        import trl.kernels.chunked_divergence  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - say why, and fail fast (the GPU script's stage moves on)
+        print(f"trl_divergence: TRL's ChunkedDivergenceFunction is not importable here ({type(exc).__name__}: "
+              f"{exc}); pip install 'trl>=1.16' (or carry its wheel in .whl/ for bench/gpu_run.sh)", file=sys.stderr)
+        return 3
+    own = list(argv if argv is not None else sys.argv[1:])
     rows, tmp = [], tempfile.mkdtemp()
     grid = GRID[:args.points] if args.points else GRID
     header = (f"# fused_linear_kd_loss vs TRL ChunkedDivergenceFunction: N={args.n} H={args.hidden} V={args.vocab} "
