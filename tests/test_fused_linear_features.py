@@ -198,3 +198,24 @@ def test_errors():
         fl(h, w, th, tw, student_softcap=0.0)
     with pytest.raises(ValueError, match="teacher_logit_scale must be > 0"):
         fl(h, w, th, tw, teacher_logit_scale=-1.0)
+
+
+def test_compile_fullgraph_with_transforms_entropy_and_topk():
+    """The new arguments keep fused_linear_kd_loss one opaque node under torch.compile(fullgraph=True)."""
+    (h, w, b), (th, tw, tb), y = _case(N=12, Hs=8, Ht=6, V=29, seed=9)
+    ids, lps = kdkernels.topk_teacher(_ref_logits(th, tw, tb).float(), 5)
+
+    def f(h, w, b, th, tw, y, ids, lps):
+        dense, ent = kdkernels.fused_linear_kd_loss(h, w, th, tw, y, student_bias=b, student_softcap=5.0,
+                                                    teacher_logit_scale=0.5, chunk_size=4, return_entropy=True)
+        sparse = kdkernels.fused_linear_kd_loss(h, w, None, None, y, teacher_topk_ids=ids, teacher_topk_logprobs=lps,
+                                                divergence="jsd", chunk_size=5)
+        return dense + sparse, ent
+
+    args = (h, w, b, th, tw, y, ids, lps)
+    out, ent = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+    ref, ref_ent = f(*args)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(ent, ref_ent)
+    for a, r in zip(torch.autograd.grad(out, (h, w, b)), torch.autograd.grad(ref, (h, w, b))):
+        torch.testing.assert_close(a, r)
