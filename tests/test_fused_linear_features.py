@@ -219,3 +219,16 @@ def test_compile_fullgraph_with_transforms_entropy_and_topk():
     torch.testing.assert_close(ent, ref_ent)
     for a, r in zip(torch.autograd.grad(out, (h, w, b)), torch.autograd.grad(ref, (h, w, b))):
         torch.testing.assert_close(a, r)
+
+
+@pytest.mark.parametrize("divergence", ["kl", "jsd"])
+def test_same_transform_semantics_as_kd_loss(divergence):
+    """fused_linear_kd_loss(h, W, ..., softcap / scale) == kd_loss(h W^T + b, ..., the same transforms)."""
+    (h, w, b), (th, tw, tb), y = _case(seed=10, logit_std=15.0)
+    tf = dict(student_logit_scale=0.9, student_softcap=8.0, teacher_logit_scale=1.1, teacher_softcap=12.0)
+    kw = dict(temperature=1.5, divergence=divergence, hard_weight=0.3, **tf)
+    fused = kdkernels.fused_linear_kd_loss(h, w, th, tw, y, student_bias=b, teacher_bias=tb, chunk_size=6, **kw)
+    unfused = kdkernels.kd_loss(h @ w.T + b, th @ tw.T + tb, y, **kw)
+    _close(fused, unfused, 2e-5)
+    for g, r in zip(torch.autograd.grad(fused, (h, w, b)), torch.autograd.grad(unfused, (h, w, b))):
+        _close(g, r, 1e-4, 1e-5)
