@@ -16,8 +16,9 @@ lm_head weight, and the student entropy TRL returns:
 Grid: beta in {0, 0.5, 1} x T in {1, 2} x softcap in {off, 30}. CPU: each (candidate, point) runs
 in a fresh process (its peak RSS: VmHWM reset before the step, minus the RSS just before it, i.e.
 the inputs excluded), rounds alternate the candidates, and the time is the fastest fwd+bwd over
-rounds x --repeats (the 2-core machine is shared: the minimum is the least disturbed run). GPU
-(--inprocess): one process, torch.cuda.max_memory_allocated per step, median of --repeats.
+rounds x --repeats; with --threads 1 it is the process's CPU time (on a shared machine the wall
+time of one thread also counts the time slices other jobs take), else wall time. GPU
+(--inprocess): one process, torch.cuda.max_memory_allocated per step, median wall time.
 Every point checks that both give the same loss, entropy and gradients (max |a - b| / max |b|).
 Writes <out>.json and <out>.md (a table per point, the ratios, the worst differences).
 """
@@ -99,20 +100,24 @@ def run_point(args, name, point, save=None):
         before = _vm_kib("VmRSS") * 1024
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := VmRSS
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     loss, ent = _step(name, point, h, w, th, tw)
-    times = [time.perf_counter() - t0]
+    times, cpu = [time.perf_counter() - t0], [time.process_time() - c0]
     peak = (torch.cuda.max_memory_allocated(dev) if cuda else _vm_kib("VmHWM") * 1024) - before
     grads = (h.grad.detach().float().cpu(), w.grad.detach().float().cpu())
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         _step(name, point, h, w, th, tw)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     if save:
         torch.save(dict(loss=loss.cpu(), entropy=ent.cpu(), grad_h=grads[0], grad_w=grads[1]), save)
-    timed = times[1:] or times  # the first step also faults in fresh memory
-    return dict(candidate=name, **point, peak_extra_bytes=peak, times_s=times,
-                time_s=min(timed) if not cuda else statistics.median(timed),
+    timed, timed_cpu = times[1:] or times, cpu[1:] or cpu  # the first step also faults in fresh memory
+    # One CPU thread: the process's CPU time is its work, whatever else the shared machine runs
+    # (wall time there measures the neighbours too); otherwise, and on GPUs, wall time.
+    metric = timed_cpu if (not cuda and args.threads == 1) else timed
+    return dict(candidate=name, **point, peak_extra_bytes=peak, times_s=times, cpu_times_s=cpu,
+                wall_s=min(timed), time_s=min(metric) if not cuda else statistics.median(metric),
                 loss=float(loss), entropy=float(ent), results=(loss.cpu(), ent.cpu(), *grads))
 
 
@@ -126,6 +131,55 @@ def _machine(args):
         return torch.cuda.get_device_name(0)
     model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "cpu")
     return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def render(meta, rows) -> str:
+    """The markdown report of a run (also: python bench/trl_divergence.py --render RUN.json)."""
+    a = meta["args"]
+    inproc = a["inprocess"]
+    lines = [f"# fused_linear_kd_loss vs TRL ChunkedDivergenceFunction: N={a['n']} H={a['hidden']} V={a['vocab']} "
+             f"{a['dtype']}, {a['device']}", "",
+             "`python bench/trl_divergence.py " + " ".join(_cli(a)) + f"` ({meta['date']})", "",
+             f"machine: {meta['machine'].split(', ', 1)[0]}, {os.cpu_count()} cores, "
+             f"{a['threads'] or 'default'} torch thread(s) per candidate; torch {meta['torch']}, trl {meta['trl']}; "
+             "load average at the end "
+             f"{meta['load_average'][0]:.1f}. Time: " + ("median fwd+bwd (wall)." if inproc else
+             f"fastest fwd+bwd of {a['rounds']} fresh processes per candidate, the candidates alternating, as "
+             + ("process CPU time (one thread: the step's own work, unaffected by the other jobs time-sharing "
+                "the 2 cores; the wall times are in the JSON)" if a["threads"] == 1 else "wall time")
+             + "; per round: the speed-up of that round's two back-to-back runs."), "",
+             "| beta | T | softcap | kdkernels s | trl s | speed-up | per round | kdkernels MiB | trl MiB | "
+             "memory ratio | max rel diff (loss, entropy, grad_h, grad_W) |",
+             "|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"]
+    per_round_all = []
+    for row in rows:
+        pt, kd, tr, d = row["point"], row["kdkernels"], row["trl"], row["rel_diff"]
+        rounds = [t / k for k, t in zip(kd.get("all_times_s", [kd["time_s"]]), tr.get("all_times_s", [tr["time_s"]]))]
+        per_round_all += rounds
+        lines.append(f"| {pt['beta']} | {pt['temperature']} | {pt['softcap'] or 'off'} | {kd['time_s']:.3f} | "
+                     f"{tr['time_s']:.3f} | **{row['speedup']:.2f}x** | {', '.join(f'{r:.2f}' for r in rounds)} | "
+                     f"{kd['peak_extra_bytes'] / 2**20:.0f} | {tr['peak_extra_bytes'] / 2**20:.0f} | "
+                     f"**{row['memory_ratio']:.3f}** | "
+                     + ", ".join(f"{d[k]:.1e}" for k in ("loss", "entropy", "grad_h", "grad_w")) + " |")
+    sp, mr = [r["speedup"] for r in rows], [r["memory_ratio"] for r in rows]
+    worst = max(max(r["rel_diff"].values()) for r in rows)
+    lines += ["", f"speed-up (fastest vs fastest) {min(sp):.2f}x to {max(sp):.2f}x, per round {min(per_round_all):.2f}x "
+              f"to {max(per_round_all):.2f}x; memory ratio {min(mr):.3f} to {max(mr):.3f}; largest relative "
+              f"difference {worst:.1e}"]
+    return "\n".join(lines)
+
+
+def _cli(a) -> list:
+    """The command line of a run, from its recorded arguments (defaults left out)."""
+    defaults = dict(device="cpu", n=2048, hidden=512, teacher_hidden=None, vocab=32000, dtype="float32", repeats=1,
+                    rounds=2, points=None, threads=None, inprocess=False)
+    out = []
+    for k, v in a.items():
+        if k in ("out", "child", "render") or defaults.get(k, object()) == v:
+            continue
+        flag = "--" + k.replace("_", "-")
+        out += [flag] if v is True else [flag, str(v)]
+    return out + (["--out", a["out"]] if a.get("out") else [])
 
 
 def main(argv=None) -> int:
@@ -142,8 +196,17 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--inprocess", action="store_true", help="every run in this process (GPU)")
     p.add_argument("--out", default=None, help="write <out>.json and <out>.md")
+    p.add_argument("--render", default=None, help="re-write the markdown report of a run's JSON file")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: "name|point-json|save-path"
     args = p.parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            run = json.load(f)
+        text = render(run["meta"], run["rows"])
+        with open(args.render[:-len(".json")] + ".md", "w") as f:
+            f.write(text + "\n")
+        print(text)
+        return 0
     if args.child:
         name, point, save = args.child.split("|")
         r = run_point(args, name, json.loads(point), save)
@@ -159,9 +222,8 @@ def main(argv=None) -> int:
     own = list(argv if argv is not None else sys.argv[1:])
     rows, tmp = [], tempfile.mkdtemp()
     grid = GRID[:args.points] if args.points else GRID
-    header = (f"# fused_linear_kd_loss vs TRL ChunkedDivergenceFunction: N={args.n} H={args.hidden} V={args.vocab} "
-              f"{args.dtype}, {args.device}")
-    print(header, flush=True)
+    print(f"# fused_linear_kd_loss vs TRL ChunkedDivergenceFunction: N={args.n} H={args.hidden} V={args.vocab} "
+          f"{args.dtype}, {args.device}", flush=True)
     for point in grid:
         runs = {name: [] for name in CANDIDATES}
         for rnd in range(1 if args.inprocess else args.rounds):
@@ -198,22 +260,7 @@ def main(argv=None) -> int:
     import trl
     meta = dict(machine=_machine(args), torch=torch.__version__, trl=trl.__version__, args=vars(args),
                 load_average=os.getloadavg(), date=time.strftime("%Y-%m-%d %H:%M:%S"))
-    lines = [header, "", f"machine: {meta['machine']}; torch {meta['torch']}, trl {meta['trl']}; "
-             f"{'median' if args.inprocess else 'fastest'} fwd+bwd; load average at the end "
-             f"{meta['load_average'][0]:.1f}", "",
-             "| beta | T | softcap | kdkernels s | trl s | speed-up | kdkernels MiB | trl MiB | memory ratio | "
-             "max rel diff (loss, entropy, grad_h, grad_W) |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for row in rows:
-        pt, kd, tr, d = row["point"], row["kdkernels"], row["trl"], row["rel_diff"]
-        lines.append(f"| {pt['beta']} | {pt['temperature']} | {pt['softcap'] or 'off'} | {kd['time_s']:.3f} | "
-                     f"{tr['time_s']:.3f} | **{row['speedup']:.2f}x** | {kd['peak_extra_bytes'] / 2**20:.0f} | "
-                     f"{tr['peak_extra_bytes'] / 2**20:.0f} | **{row['memory_ratio']:.3f}** | "
-                     + ", ".join(f"{d[k]:.1e}" for k in ("loss", "entropy", "grad_h", "grad_w")) + " |")
-    sp, mr = [r["speedup"] for r in rows], [r["memory_ratio"] for r in rows]
-    worst = max(max(r["rel_diff"].values()) for r in rows)
-    lines += ["", f"speed-up {min(sp):.2f}x to {max(sp):.2f}x; memory ratio {min(mr):.3f} to {max(mr):.3f}; "
-              f"largest relative difference {worst:.1e}"]
-    text = "\n".join(lines)
+    text = render(meta, rows)
     print(text)
     if args.out:
         with open(args.out + ".md", "w") as f:

@@ -6,7 +6,8 @@ Tiny randomly initialised Llama models from configs, an in-memory word-level tok
 download. Generation is replaced by a fixed function of the prompt (both runs train on the same
 completions, and the step time is the training step's: teacher forward, student forward, loss,
 backward, SGD). Each candidate runs in a fresh process; rounds alternate them; a run's time is
-the median of its steps after the first, the reported time the best run. Peak RSS of the process.
+the median of its steps after the first (process CPU time with --threads 1: the step's own work
+on a shared machine; else wall time), the reported time the best run. Peak RSS of the process.
 """
 from __future__ import annotations
 
@@ -58,12 +59,15 @@ def child(args, candidate) -> dict:
     cls = trl.DistillationTrainer if candidate == "trl" else kt.DistillationTrainer
     times = []
 
+    cpu = []
+
     class Timer(transformers.TrainerCallback):
         def on_step_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *a, **k):
             times.append(time.perf_counter() - self.t0)
+            cpu.append(time.process_time() - self.c0)
 
     cfg = trl.DistillationConfig(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, max_steps=args.steps,
@@ -77,7 +81,10 @@ def child(args, candidate) -> dict:
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     with open("/proc/self/status") as f:
         peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    return dict(candidate=candidate, step_s=statistics.median(times[1:]), steps_s=times, losses=losses,
+    # one thread: CPU time is the step's own work on a shared machine (see bench/trl_divergence.py)
+    metric = cpu if args.threads == 1 else times
+    return dict(candidate=candidate, step_s=statistics.median(metric[1:]), steps_s=times, cpu_steps_s=cpu,
+                losses=losses,
                 peak_rss_bytes=peak, tokens_per_step=args.batch * L)
 
 
@@ -112,6 +119,8 @@ def main(argv=None) -> int:
              f"H={args.teacher_hidden}, 2 layers each, V={args.vocab}, {args.batch} x {args.completion} completion "
              f"tokens per step, beta={args.beta}, float32; {os.cpu_count()}-core CPU, torch {torch.__version__}, "
              f"trl {trl.__version__}; load average {os.getloadavg()[0]:.1f}", "",
+             f"`python bench/trl_trainer_step.py {' '.join(own)}`; step time: "
+             + ("process CPU time, one thread" if args.threads == 1 else "wall time"), "",
              "| loss | step s (median of a run, best run) | all runs | peak RSS MiB | vs TRL |", "|---|---:|---|---:|---:|"]
     for c in ("trl", "kdkernels"):
         r = best[c]
