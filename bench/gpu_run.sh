@@ -12,7 +12,9 @@
 # | Triton precompile (every specialisation the run launches, kdkernels.bench.gpu_plan, 16
 # processes, into a fresh Triton cache) | wait for the build | smoke (every backend once vs the
 # float64 reference at V=128256) | bench (kdkernels bench: every backend and peer at the
-# headline sizes, copy bandwidth in the same run) | fused lm_head + KD | tune (launch configs ->
+# headline sizes, copy bandwidth in the same run) | fused lm_head + KD | trl (fused_linear_kd_loss
+# vs TRL's ChunkedDivergenceFunction on its Triton path at N=8192 H=4096 V=128256 bf16, then 0 % vs
+# 50 % ignored positions) | tune (launch configs ->
 # tuning_table.json) | GPU correctness subset (tests/test_gpu_run.py) | broad GPU tests with the
 # time left. A failed build leaves the Triton stages running (the CUDA tests then skip).
 #
@@ -49,9 +51,9 @@ export KDKERNELS_CUDA_JIT=0          # the prebuilt extension or none: a JIT bui
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=$JOBS NVCC_THREADS=${NVCC_THREADS:-2}
 
 # Planned limits (s). "broad" gets whatever the others leave of $PLAN at run time.
-declare -A LIMIT=([environment]=15 [precompile]=45 [build]=75 [smoke]=30 [bench]=120 [fused_linear]=30
-                  [tune]=40 [subset]=55)
-ORDER=(environment precompile build smoke bench fused_linear tune subset broad)
+declare -A LIMIT=([environment]=15 [precompile]=45 [build]=75 [smoke]=30 [bench]=90 [fused_linear]=30
+                  [trl]=45 [tune]=35 [subset]=55)
+ORDER=(environment precompile build smoke bench fused_linear trl tune subset broad)
 planned=0; for s in "${!LIMIT[@]}"; do planned=$(( planned + LIMIT[$s] )); done
 LIMIT[broad]=$(( PLAN - planned > 0 ? PLAN - planned : 0 ))
 
@@ -61,6 +63,8 @@ if [ "$MODE" = cpu ]; then
   BENCH=(-m kdkernels bench --device cpu --N 8 --V 1000 --repeats 2 --inprocess --peers eager)
   TUNE=(--repeats 2)
   FUSED=(bench/fused_linear_memory.py --device cpu --n 64 --hidden 32 --vocab 300 --repeats 1)
+  TRL_ARGS="--device cpu --n 64 --hidden 32 --vocab 300 --points 2 --inprocess"
+  IGNORED_ARGS="--device cpu --n 64 --hidden 32 --vocab 300 --rounds 1 --repeats 1"
   PRECOMPILE_LIMIT=(--limit 3 --jobs 2)
 else
   SCALE=gpu
@@ -69,6 +73,8 @@ else
          tests/test_fused_linear.py tests/test_tuning_table.py "tests/test_distributed.py::test_triton_shard_one_rank_labels")
   BENCH=(-m kdkernels bench --device cuda --repeats 10 --budget 3 --warmup 2)
   FUSED=(bench/fused_linear_memory.py --device cuda --n 8192 --hidden 4096 --vocab 128256 --dtype bfloat16)
+  TRL_ARGS="--device cuda --n 8192 --hidden 4096 --vocab 128256 --dtype bfloat16 --inprocess --repeats 2"
+  IGNORED_ARGS="--device cuda --n 8192 --hidden 4096 --vocab 128256 --dtype bfloat16 --rounds 1 --repeats 3"
   PRECOMPILE_LIMIT=(--jobs "$JOBS")
   TUNE=(--repeats 10)
 fi
@@ -172,13 +178,17 @@ environment() {
 torch.version.cuda, "| gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'
   "$PY" -c 'import triton; print("triton", triton.__version__)' 2>/dev/null || echo "triton: not importable"
   echo "nproc $(nproc); TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
-  local whl; whl=$(ls .whl/liger_kernel-*.whl 2>/dev/null | head -1)
-  if [ -n "$whl" ]; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" "$whl" \
-      && echo "liger-kernel installed from $whl"
-  else
-    echo "no .whl/liger_kernel-*.whl: Liger is benchmarked only if already installed"
-  fi
+  local whl name
+  for name in liger_kernel trl; do  # peers shipped as wheels (carried in .whl/, pure Python, no deps pulled)
+    whl=$(ls .whl/$name-*.whl 2>/dev/null | head -1)
+    if [ -n "$whl" ]; then
+      "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" "$whl" \
+        && echo "$name installed from $whl"
+    else
+      echo "no .whl/$name-*.whl: $name is benchmarked only if already installed"
+    fi
+  done
+  "$PY" -c 'import trl.kernels.chunked_divergence, trl; print("trl", trl.__version__, "importable")' 2>&1 | tail -1
   "$PY" -m kdkernels info
 }
 
@@ -223,6 +233,15 @@ echo "build: $(( $(date +%s) - BUILD_T0 )) s from its start"
 pytest_stage smoke tests/test_gpu_run.py -k smoke
 stage bench 05-bench.log "$PY" "${BENCH[@]}" --out "$STAGES/05-bench"
 stage fused_linear 06-fused-linear.log "$PY" "${FUSED[@]}" --json "$STAGES/06-fused-linear.json"
+trl_stage() {  # the TRL comparison first (it prints a line per grid point as it goes), then ignored positions
+  local rc=0
+  # shellcheck disable=SC2086  # the argument strings are word lists
+  "$PY" bench/trl_divergence.py $TRL_ARGS --out "$STAGES/07-trl-bench" || rc=$?
+  "$PY" bench/fused_linear_ignored.py $IGNORED_ARGS --out "$STAGES/07-ignored-bench" || rc=$?
+  return $rc
+}
+export -f trl_stage; export TRL_ARGS IGNORED_ARGS
+stage trl 07-trl.log bash -c trl_stage
 stage tune tune.txt "$PY" -m kdkernels.bench.tune --out "$STAGES" "${TUNE[@]}"
 [ -f "$STAGES/tuning_table.json" ] && cp "$STAGES/tuning_table.json" "$OUT/tuning_table.json"
 pytest_stage subset tests/test_gpu_run.py -k "not smoke"

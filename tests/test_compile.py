@@ -137,6 +137,31 @@ def fused_linear_kd_samples(device, backend):
     return out
 
 
+def lm_head_kd_samples(device, backend):
+    """kdkernels::lm_head_kd (fused_linear_kd_loss): a dense teacher with transforms and ignored rows,
+    a top-k teacher with the entropy, a bfloat16 compute dtype over float32 master weights."""
+    g, N, V, Hs, Ht, k = _gen(6), 9, 23, 8, 12, 4
+    out = []
+    f32, bf16 = torch.float32, torch.bfloat16
+    for code, bias, topk, cd, chunk in [(KL, True, False, f32, 4), (JSD, False, True, f32, 16),
+                                        (REVERSE_KL, True, False, bf16, 3)]:
+        h = _randn(N, Hs, device=device, g=g, grad=True, scale=1.0)
+        w = _randn(V, Hs, device=device, g=g, grad=True, scale=0.5)
+        b = _randn(V, device=device, g=g, grad=True) if bias else None
+        y = _labels(N, V, device, g)
+        if topk:
+            th = tw = tb = None
+            ids = torch.stack([torch.randperm(V, generator=g)[:k] for _ in range(N)]).to(device)
+            lps = torch.log_softmax(_randn(N, k, device=device, g=g), -1)
+        else:
+            th, tw = _randn(N, Ht, device=device, g=g, scale=1.0), _randn(V, Ht, device=device, g=g, scale=0.5)
+            tb = _randn(V, device=device, g=g) if bias else None
+            ids = lps = None
+        out.append((h, w, b, th, tw, tb, ids, lps, y, 2.0, code, 0.5, 4.0, 0.5, -100, [0.8, 5.0, 1.2, 3.0],
+                    0 if topk else -1, 1.0, cd, cd, chunk, True, topk, backend))
+    return out
+
+
 SAMPLES = {
     "kd_fused": kd_fused_samples,
     "tempered_softmax": tempered_softmax_samples,
@@ -144,6 +169,7 @@ SAMPLES = {
     "kd_ensemble_fused": kd_ensemble_fused_samples,
     "kd_topk_fused": kd_topk_fused_samples,
     "fused_linear_kd": fused_linear_kd_samples,
+    "lm_head_kd": lm_head_kd_samples,
 }
 
 

@@ -17,10 +17,14 @@ import os
 import sys
 import time
 
+import torch
+
 from ..report.cases import HEADLINE_V, Case, kd_case
 
 BENCH_SIZES = ((16384, 128256), (8192, 32000), (8192, 262144))   # kdkernels bench's GPU_SIZES
 FUSED_LINEAR = dict(N=8192, H=4096, V=128256)                      # issue 5's fused lm_head case
+# bench/fused_linear_memory.py ignores every 7th position; the fused path projects only the others
+FUSED_LINEAR_VALID = FUSED_LINEAR["N"] - -(-FUSED_LINEAR["N"] // 7)
 TUNE_V = (32000, 128256, 262144)
 TUNE_TRITON = ((4096, 8), (2048, 4), (2048, 8), (8192, 8), (8192, 16))  # (BLOCK, num_warps); the rule's first
 TUNE_CUDA = ("auto", "nocluster", "twopass")
@@ -79,8 +83,11 @@ def subset_cases(sc: str) -> dict:
 
 
 def bench_cases(sc: str) -> list:
-    """kdkernels bench's kd:triton runs (kl, T = 2, bf16, no labels) and the fused-linear
-    benchmark's: the unfused kd_loss, the fused chunks, and its 8-row warm-up."""
+    """kdkernels bench's kd:triton runs (kl, T = 2, bf16, no labels), the fused-linear
+    benchmark's (the unfused kd_loss, its 8-row warm-up, and the fused chunks, whose logits are
+    float32: the fused path never rounds logits to half precision) and stage "trl"'s
+    (bench/trl_divergence.py: jsd at beta 0 / 0.5 / 1, which run as kl / jsd / reverse_kl, no
+    labels; bench/fused_linear_ignored.py: kl with labels), all on 512-row float32 chunks."""
     if sc == "tiny":
         return [_tiny(kd_case("kl", 1000, N=8, labels=False))]
     out = [kd_case("kl", V, N=N, labels=False) for N, V in BENCH_SIZES]
@@ -88,7 +95,10 @@ def bench_cases(sc: str) -> list:
     facts = device_facts()
     rows = facts["fused_chunk_rows"] if facts else _fused_chunk_rows_h200(fl["N"], fl["H"])
     out += [kd_case("kl", fl["V"], N=fl["N"], hard_weight=0.5), kd_case("kl", 8, N=8, hard_weight=0.5)]
-    out += [kd_case("kl", fl["V"], N=r, hard_weight=0.5) for r in sorted({rows, fl["N"] % rows} - {0})]
+    f32 = dict(dtype=torch.float32)
+    out += [kd_case("kl", fl["V"], N=r, hard_weight=0.5, **f32) for r in sorted({rows, FUSED_LINEAR_VALID % rows} - {0})]
+    out += [kd_case(d, fl["V"], N=rows, labels=False, **f32) for d in ("kl", "jsd", "reverse_kl")]
+    out += [kd_case("kl", fl["V"], N=rows, **f32)]
     return out
 
 
