@@ -8,7 +8,11 @@ gradient is written during the forward pass.
 """
 from __future__ import annotations
 
+import ctypes
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 
@@ -225,12 +229,134 @@ def kd_forward(student, teacher, labels, *, teacher_is_probs, temperature, diver
     acc = _acc_dtype(student, teacher)
     loss, grad_s, grad_t = _outputs(student, teacher, teacher_grad, acc)
     step = _rows_per_chunk(V)
-    ws = M.Workspace(min(step, N), V, acc, student.device)
-    for a in range(0, N, step):
+
+    def chunk(a, ws):
         b = min(N, a + step)
         loss[a:b] = kd_block(student[a:b], teacher[a:b], None if labels is None else labels[a:b], ws,
                              grad_s[a:b], grad_t[a:b] if teacher_grad else None, **kw)
+    for_each_chunk(range(0, N, step), chunk, lambda: M.Workspace(min(step, N), V, acc, student.device),
+                   student.device)
     return loss, grad_s, grad_t
+
+
+# ------------------------------------------------------------ chunks across threads (CPU)
+# Every ATen op on a chunk opens an OpenMP parallel region, and each region ends in a barrier
+# that waits for every thread of the team. When other processes keep the cores busy, one
+# descheduled team thread holds that barrier for a scheduler time slice (milliseconds), once
+# per op: N=512, V=32000 is 64 chunks of ~18 such ops, and the call went from 58 to 212 ms
+# median, 1494 ms worst, beside two busy processes on 2 cores (eager: 290 -> 566 ms). So on
+# the CPU each thread takes whole chunks and runs their ops alone (no barrier inside the
+# loop), the chunks handed out one at a time: a descheduled thread delays only the chunk it
+# holds, the others take the rest. Idle, the ops stay as fast (same chunk size per core).
+CHUNK_THREADS = True   # False: every chunk on the calling thread, ops parallel inside (as on GPUs)
+_pool: dict = {}       # key (pid, helpers), pid, ok (threads can go single), executor
+_omp_lock, _pool_lock = threading.Lock(), threading.Lock()
+_omp_set = None        # omp_set_num_threads of the OpenMP runtime ATen uses; False: none found
+
+
+def _omp_setter():
+    """omp_set_num_threads of the OpenMP runtime already loaded by torch (found by path in
+    /proc/self/maps, else among the process's global symbols), or False."""
+    global _omp_set
+    with _omp_lock:
+        if _omp_set is None:
+            _omp_set = False
+            names = []
+            try:
+                with open("/proc/self/maps") as f:
+                    names = sorted({line.split()[-1] for line in f
+                                    if any(k in line for k in ("libgomp", "libiomp", "libomp"))})
+            except OSError:
+                pass
+            for name in names + [None]:
+                try:
+                    _omp_set = ctypes.CDLL(name).omp_set_num_threads
+                    break
+                except (OSError, AttributeError):
+                    continue
+    return _omp_set
+
+
+def _ops_threads(n: int) -> bool:
+    """Let the calling thread's ATen ops use n threads. Thread-local (this thread's OpenMP
+    setting only), unlike torch.set_num_threads, which also changes the default of threads
+    created later and resizes torch's shared pools. True if it took effect."""
+    torch.get_num_threads()  # ATen initialises a thread's setting lazily: first, or it would undo ours
+    setter = _omp_setter()
+    if setter:
+        setter(n)
+    return torch.get_num_threads() == n
+
+
+def _thread_can_go_single() -> bool:
+    """Whether _ops_threads works here (some OpenMP runtimes may not be reachable): tried once,
+    on a throwaway thread."""
+    out = []
+    t = threading.Thread(target=lambda: out.append(_ops_threads(1)))
+    t.start()
+    t.join()
+    return bool(out and out[0])
+
+
+def _helpers(device: torch.device, chunks: int):
+    """(executor, number of helper threads) to spread `chunks` over, or None: serial loop."""
+    n = min(torch.get_num_threads(), chunks)
+    if not CHUNK_THREADS or device.type != "cpu" or n < 2:
+        return None
+    key = (os.getpid(), n - 1)  # a forked child cannot use its parent's threads
+    with _pool_lock:
+        if _pool.get("key") != key:
+            if _pool.get("executor") is not None and _pool["key"][0] == key[0]:
+                _pool["executor"].shutdown(wait=False)
+            ok = _pool["ok"] if _pool.get("pid") == key[0] else _thread_can_go_single()
+            _pool.update(key=key, pid=key[0], ok=ok, executor=ThreadPoolExecutor(
+                max_workers=n - 1, thread_name_prefix="kdkernels-chunks") if ok else None)
+        ex = _pool["executor"]
+    return None if ex is None else (ex, n - 1)
+
+
+def for_each_chunk(starts, body, new_workspace, device: torch.device) -> None:
+    """body(a, ws) for every chunk start `a`: on the calling thread, or on the CPU spread over
+    torch.get_num_threads() threads (this one included), each with its own workspace and its
+    ATen ops on one thread (see above). Grad and inference mode follow the calling thread's."""
+    helpers = _helpers(device, len(starts))
+    if helpers is None:
+        ws = new_workspace()
+        for a in starts:
+            body(a, ws)
+        return
+    executor, n_helpers = helpers
+    todo, lock, stop = iter(starts), threading.Lock(), []
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def drain():
+        try:
+            ws = new_workspace()
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                while not stop:
+                    with lock:
+                        a = next(todo, None)
+                    if a is None:
+                        return
+                    body(a, ws)
+        except BaseException:
+            stop.append(True)  # the other threads stop at their next chunk
+            raise
+
+    def helper():
+        _ops_threads(1)  # cheap, and holds even if something reset this pool thread's setting
+        drain()
+
+    futures = [executor.submit(helper) for _ in range(n_helpers)]
+    threads = torch.get_num_threads()
+    try:
+        _ops_threads(1)
+        drain()
+    finally:
+        _ops_threads(threads)
+        wait(futures)  # no helper may still write into the outputs when this returns or raises
+    for f in futures:
+        f.result()  # a helper's error, raised here
 
 
 def softmax_forward(x: torch.Tensor, temperature: float, log: bool) -> torch.Tensor:
