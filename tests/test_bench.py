@@ -47,6 +47,9 @@ def test_load_warning_compares_load_average_with_cpu_count():
     assert trust.load_warning(None, 2) is None
     w = trust.load_warning(2.6, 2)
     assert "load average 2.60 on 2 CPUs" in w and "re-run on an idle machine" in w
+    # measured during the run and low: the (lagging) load average is not raised
+    assert trust.load_warning(2.6, 2, others_share=0.02) is None
+    assert trust.load_warning(2.6, 2, others_share=0.5) == w
 
 
 def test_contention_counts_what_others_used(monkeypatch):
@@ -117,9 +120,17 @@ def test_table_prints_median_and_spread(capsys):
 
 def test_warns_when_the_machine_is_loaded(monkeypatch, capsys):
     monkeypatch.setattr(trust, "load_per_cpu", lambda: (7.5, 2))
+    monkeypatch.setattr(trust, "_busy_s", lambda: None)  # no /proc/stat: the load average is all there is
     assert bench_main(TINY + ["--runs", "5"]) == 0
     out = capsys.readouterr().out
     assert "WARNING: load average 7.50 on 2 CPUs before the run" in out
+
+
+def test_warns_when_other_processes_take_cpu_time(monkeypatch, capsys):
+    monkeypatch.setattr(trust.Contention, "stop", lambda self: {"wall_s": 1.0, "others_share": 0.6})
+    assert bench_main(TINY + ["--runs", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: other processes used more than 10% of the CPU time while 2 of 2 candidates ran" in out
 
 
 def test_warns_when_runs_spread(monkeypatch, capsys):

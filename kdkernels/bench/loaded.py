@@ -129,7 +129,9 @@ def main(args, device) -> int:
                      "idle_runs_ms": a["full_ms_runs"], "loaded_runs_ms": b["full_ms_runs"],
                      "idle_others_share": a["others_share"], "loaded_others_share": b["others_share"]})
     ok, lines = verdict(rows)
-    warnings = [w for w in [trust.load_warning(meta["load_before"], meta["cpu_count"])] if w]
+    shares = [r["idle_others_share"] for r in rows]
+    others = None if None in shares else max(shares)
+    warnings = [w for w in [trust.load_warning(meta["load_before"], meta["cpu_count"], others)] if w]
     for r in rows:
         w = trust.contention_warning({"others_share": r["idle_others_share"]})
         if w:

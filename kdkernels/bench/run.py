@@ -221,7 +221,9 @@ def memory_note(cuda: bool, inprocess: bool) -> str:
 
 def warnings_for(rows: list[dict], load_before, ncpu) -> list[str]:
     """Plain-language reasons not to trust the figures (empty when there are none)."""
-    out = [w for w in [trust.load_warning(load_before, ncpu)] if w]
+    shares = [r.get("others_share") for r in rows]
+    others = None if not shares or None in shares else max(shares)
+    out = [w for w in [trust.load_warning(load_before, ncpu, others)] if w]
     for r in rows:
         if r.get("full_ms") is None:
             continue

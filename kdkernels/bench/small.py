@@ -165,7 +165,7 @@ def main(args, device) -> int:
                   f"kd/eager {r['ratio']:.2f}", file=sys.stderr, flush=True)
     c = mon.stop()
     meta["wall_s"], meta["others_share"] = round(time.perf_counter() - t0, 1), c["others_share"]
-    warnings = [w for w in (trust.load_warning(meta["load_before"], meta["cpu_count"]),
+    warnings = [w for w in (trust.load_warning(meta["load_before"], meta["cpu_count"], c["others_share"]),
                             trust.contention_warning(c)) if w]
     for r in rows:
         for name in ("eager", "kd"):

@@ -5,7 +5,8 @@ its runs agree with one another. Three signals, each turned into a plain-languag
 
   load average  os.getloadavg()[0] before the run, against os.cpu_count(): other processes
                 were runnable in the minute before (it lags: the first minute of someone
-                else's job is not fully in it, and a just-finished run of our own is);
+                else's job is not fully in it, and a just-finished run of our own is; so
+                where the next signal is measured and low, it is not raised);
   CPU used by   /proc/stat busy time of the whole machine minus this process's and its
   others        finished children's CPU time (os.times), over the run: what others took;
   spread        of one candidate's timed runs: the interquartile range against the median
@@ -45,8 +46,13 @@ def load_per_cpu() -> tuple[float | None, int]:
         return None, ncpu
 
 
-def load_warning(load: float | None, ncpu: int) -> str | None:
+def load_warning(load: float | None, ncpu: int, others_share: float | None = None) -> str | None:
+    """A warning when the load average was high before the run, unless the CPU time that other
+    processes used during the run was measured (others_share, the largest over the run) and
+    was low: the load average lags (it still counts the minute before), that measurement does not."""
     if load is None or load <= LOAD_LIMIT * ncpu:
+        return None
+    if others_share is not None and others_share <= OTHERS_LIMIT:
         return None
     return (f"load average {load:.2f} on {ncpu} CPUs before the run: other processes were using the "
             "CPUs, so these timings may be slow and unsteady (re-run on an idle machine)")
