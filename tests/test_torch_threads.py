@@ -1,10 +1,11 @@
-"""The torch backend's chunk loop spread over threads on the CPU (torch_backend.for_each_chunk).
+"""The torch backend's chunk loop spread over threads on a busy CPU (torch_backend.for_each_chunk).
 
-On a CPU with several threads each thread takes whole chunks and runs their ATen ops alone,
-so that a busy machine cannot stall every op's OpenMP barrier. Checked here: the results
-against the float64 reference on every path through a chunk (many small chunks, by a smaller
-CHUNK_ELEMS), that every chunk runs exactly once with one ATen thread, that the caller's and
-later threads' settings are left alone, errors, inference mode and a forked child."""
+Once the calling thread is seen sleeping at its ops' OpenMP barriers (a busy machine), each
+thread takes whole chunks and runs their ATen ops alone. Checked here: the results against
+the float64 reference on every path through a chunk (many small chunks, by a smaller
+CHUNK_ELEMS), when the switch happens and for how long, that every chunk runs exactly once
+with one ATen thread, that the caller's and later threads' settings are left alone, errors,
+inference mode and a forked child."""
 from __future__ import annotations
 
 import threading
@@ -20,10 +21,12 @@ from kdkernels.backends import torch_backend as tb
 
 @pytest.fixture
 def two_threads(monkeypatch):
-    """Two ATen threads and chunks of 256 elements (V=100: 2 rows), restored afterwards."""
+    """Two ATen threads, chunks of 256 elements (V=100: 2 rows), the machine taken for busy
+    (calls go to the threads), all restored afterwards."""
     old = torch.get_num_threads()
     torch.set_num_threads(2)
     monkeypatch.setattr(tb, "CHUNK_ELEMS", 256)
+    monkeypatch.setattr(tb, "_contended_until", float("inf"))
     yield
     torch.set_num_threads(old)
 
@@ -49,7 +52,8 @@ def test_threaded_and_serial_agree(two_threads, monkeypatch):
     s, t, y = make_inputs((41, 100), torch.float32, labels=True, generator=torch.Generator().manual_seed(5))
     out = {}
     for threaded in (True, False):
-        monkeypatch.setattr(tb, "CHUNK_THREADS", threaded)
+        monkeypatch.setattr(tb, "_contended_until", float("inf") if threaded else 0.0)
+        monkeypatch.setattr(tb, "_sleeps", lambda: 0)  # and never seen waiting
         x = s.detach().clone().requires_grad_()
         loss = kdkernels.kd_loss(x, t, y, temperature=2.0, hard_weight=0.5, reduction="none", backend="torch")
         loss.sum().backward()
@@ -64,6 +68,71 @@ def _record(seen, sleep=0.002):
         seen.append((a, threading.get_ident(), torch.get_num_threads(), id(ws)))
         time.sleep(sleep)  # long enough for the helper thread to take chunks too
     return body
+
+
+def test_idle_calls_stay_on_the_caller(two_threads, monkeypatch):
+    monkeypatch.setattr(tb, "_contended_until", 0.0)
+    monkeypatch.setattr(tb, "_sleeps", lambda: 7)  # never sleeps: its barriers do not wait
+    seen = []
+    tb.for_each_chunk(range(0, 40, 2), _record(seen, 0.0), dict, torch.device("cpu"))
+    assert {tid for _, tid, _, _ in seen} == {threading.get_ident()}
+    assert all(n == 2 for _, _, n, _ in seen) and tb._contended_until == 0.0
+
+
+def _sleeping(monkeypatch, per_chunk):
+    """The calling thread sleeps `per_chunk` times per chunk (at its ops' barriers)."""
+    count = {"n": 0}
+    caller = threading.get_ident()
+
+    def sleeps():
+        return count["n"]
+
+    def body_wrap(body):
+        def wrapped(a, ws):
+            if threading.get_ident() == caller:
+                count["n"] += per_chunk
+            body(a, ws)
+        return wrapped
+    monkeypatch.setattr(tb, "_sleeps", sleeps)
+    return body_wrap
+
+
+def test_a_caller_waiting_at_barriers_hands_the_rest_to_the_threads(two_threads, monkeypatch):
+    monkeypatch.setattr(tb, "_contended_until", 0.0)
+    wrap = _sleeping(monkeypatch, 2)  # 4 sleeps (CONTENDED_SWITCHES) after the second chunk
+    seen = []
+    t0 = time.monotonic()
+    tb.for_each_chunk(range(0, 40, 2), wrap(_record(seen)), dict, torch.device("cpu"))
+    assert sorted(a for a, *_ in seen) == list(range(0, 40, 2))
+    first = [n for a, _, n, _ in seen if a in (0, 2)]
+    assert first == [2, 2]                                    # on the caller, ops parallel inside
+    rest = [(tid, n) for a, tid, n, _ in seen if a >= 4]
+    assert all(n == 1 for _, n in rest) and len({tid for tid, _ in rest}) == 2
+    assert t0 + tb.CONTENDED_FOR_S <= tb._contended_until <= time.monotonic() + tb.CONTENDED_FOR_S
+    seen.clear()  # the next call goes to the threads from its first chunk
+    tb.for_each_chunk(range(0, 8, 2), _record(seen), dict, torch.device("cpu"))
+    assert all(n == 1 for _, _, n, _ in seen)
+    assert torch.get_num_threads() == 2
+
+
+def test_a_few_sleeps_are_not_contention(two_threads, monkeypatch):
+    monkeypatch.setattr(tb, "_contended_until", 0.0)
+    count = {"n": 0}
+    monkeypatch.setattr(tb, "_sleeps", lambda: count["n"])
+
+    def body(a, ws):  # CONTENDED_SWITCHES - 1 sleeps in all, then none
+        count["n"] = min(count["n"] + 1, tb.CONTENDED_SWITCHES - 1)
+        assert torch.get_num_threads() == 2
+    tb.for_each_chunk(range(0, 40, 2), body, dict, torch.device("cpu"))
+    assert tb._contended_until == 0.0
+
+
+def test_the_threads_are_left_once_the_time_is_up(two_threads, monkeypatch):
+    monkeypatch.setattr(tb, "_contended_until", time.monotonic() - 0.01)
+    monkeypatch.setattr(tb, "_sleeps", lambda: 0)
+    seen = []
+    tb.for_each_chunk(range(0, 8, 2), _record(seen, 0.0), dict, torch.device("cpu"))
+    assert {tid for _, tid, _, _ in seen} == {threading.get_ident()} and all(n == 2 for *_, n, _ in seen)
 
 
 def test_every_chunk_once_on_one_aten_thread_each(two_threads):

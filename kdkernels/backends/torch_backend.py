@@ -12,6 +12,7 @@ import ctypes
 import math
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
@@ -244,11 +245,20 @@ def kd_forward(student, teacher, labels, *, teacher_is_probs, temperature, diver
 # that waits for every thread of the team. When other processes keep the cores busy, one
 # descheduled team thread holds that barrier for a scheduler time slice (milliseconds), once
 # per op: N=512, V=32000 is 64 chunks of ~18 such ops, and the call went from 58 to 212 ms
-# median, 1494 ms worst, beside two busy processes on 2 cores (eager: 290 -> 566 ms). So on
-# the CPU each thread takes whole chunks and runs their ops alone (no barrier inside the
-# loop), the chunks handed out one at a time: a descheduled thread delays only the chunk it
-# holds, the others take the rest. Idle, the ops stay as fast (same chunk size per core).
-CHUNK_THREADS = True   # False: every chunk on the calling thread, ops parallel inside (as on GPUs)
+# median, 1494 ms worst, beside two busy processes on 2 cores (eager: 290 -> 566 ms). Then
+# it is better for each thread to take whole chunks and run their ops alone (no barrier
+# inside the loop), the chunks handed out one at a time: a descheduled thread delays only
+# the chunk it holds, the others take the rest. On an idle machine that costs 10-80 % more
+# than the barriers do (each op hands the GIL to the other thread: measured 3500 voluntary
+# context switches per call at N=1024, V=131072), so it is only done where the barriers are
+# seen to wait: the loop starts on the calling thread and counts that thread's voluntary
+# context switches (idle, its team's barriers spin and it never sleeps: 0-7 per call
+# measured; loaded, 24-2353); past CONTENDED_SWITCHES (+1 per 32 chunks) the remaining chunks
+# go to the threads, and so do whole calls for the next CONTENDED_FOR_S seconds.
+CHUNK_THREADS = True   # False: never; every chunk on the calling thread, ops parallel inside (as on GPUs)
+CONTENDED_SWITCHES = 4
+CONTENDED_FOR_S = 5.0
+_contended_until = 0.0  # time.monotonic() before which calls start on the threads
 _pool: dict = {}       # key (pid, helpers), pid, ok (threads can go single), executor
 _omp_lock, _pool_lock = threading.Lock(), threading.Lock()
 _omp_set = None        # omp_set_num_threads of the OpenMP runtime ATen uses; False: none found
@@ -315,23 +325,44 @@ def _helpers(device: torch.device, chunks: int):
     return None if ex is None else (ex, n - 1)
 
 
+def _sleeps() -> int | None:
+    """Voluntary context switches of the calling thread so far (Linux), else None."""
+    try:
+        import resource  # not on Windows
+        return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+    except (ImportError, AttributeError, OSError):
+        return None
+
+
 def for_each_chunk(starts, body, new_workspace, device: torch.device) -> None:
-    """body(a, ws) for every chunk start `a`: on the calling thread, or on the CPU spread over
-    torch.get_num_threads() threads (this one included), each with its own workspace and its
-    ATen ops on one thread (see above). Grad and inference mode follow the calling thread's."""
+    """body(a, ws) for every chunk start `a` of the range `starts`: on the calling thread (ops
+    parallel inside), or on the CPU, once the calling thread is seen waiting at its ops'
+    barriers (see above), spread over torch.get_num_threads() threads (this one included),
+    each with its own workspace and its ATen ops on one thread."""
+    global _contended_until
     helpers = _helpers(device, len(starts))
-    if helpers is None:
-        ws = new_workspace()
-        for a in starts:
-            body(a, ws)
-        return
+    if helpers is not None and time.monotonic() < _contended_until:
+        return _on_threads(starts, body, new_workspace, helpers, None)
+    ws = new_workspace()
+    start = _sleeps() if helpers is not None else None
+    for i, a in enumerate(starts):
+        body(a, ws)
+        if start is not None and _sleeps() - start >= CONTENDED_SWITCHES + (i + 1) // 32 and i + 1 < len(starts):
+            _contended_until = time.monotonic() + CONTENDED_FOR_S
+            return _on_threads(starts[i + 1:], body, new_workspace, helpers, ws)
+
+
+def _on_threads(starts, body, new_workspace, helpers, ws) -> None:
+    """body(a, ws) for every a in `starts`, the chunks handed out one at a time to this thread
+    (with `ws`, or a new workspace) and the helpers; ATen ops on one thread each. Grad and
+    inference mode follow the calling thread's."""
     executor, n_helpers = helpers
     todo, lock, stop = iter(starts), threading.Lock(), []
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
-    def drain():
+    def drain(ws=None):
         try:
-            ws = new_workspace()
+            ws = ws if ws is not None else new_workspace()
             with torch.inference_mode(inference), torch.set_grad_enabled(grad):
                 while not stop:
                     with lock:
@@ -351,7 +382,7 @@ def for_each_chunk(starts, body, new_workspace, device: torch.device) -> None:
     threads = torch.get_num_threads()
     try:
         _ops_threads(1)
-        drain()
+        drain(ws)
     finally:
         _ops_threads(threads)
         wait(futures)  # no helper may still write into the outputs when this returns or raises
