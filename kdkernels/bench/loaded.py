@@ -61,9 +61,7 @@ def _phase(specs, timeout, inprocess=False) -> dict:
     from .worker import run_in_subprocess
     out = {}
     for key, spec in specs.items():
-        mon = trust.Contention().start()
         res = measure(spec) if inprocess else run_in_subprocess(spec, timeout)
-        res["others_share"] = mon.stop()["others_share"]
         out[key] = res
         if "error" in res:
             raise RuntimeError(f"{spec['name']}: {res['error']}")
@@ -127,7 +125,7 @@ def main(args, device) -> int:
                      "loaded_ms": b["full_ms"], "loaded_min_ms": b["full_ms_min"], "loaded_max_ms": b["full_ms_max"],
                      "median_growth": b["full_ms"] / a["full_ms"], "worst_growth": b["full_ms_max"] / a["full_ms_max"],
                      "idle_runs_ms": a["full_ms_runs"], "loaded_runs_ms": b["full_ms_runs"],
-                     "idle_others_share": a["others_share"], "loaded_others_share": b["others_share"]})
+                     "idle_others_share": a.get("others_share"), "loaded_others_share": b.get("others_share")})
     ok, lines = verdict(rows)
     shares = [r["idle_others_share"] for r in rows]
     others = None if None in shares else max(shares)

@@ -247,7 +247,8 @@ def measure(spec: dict) -> dict:
     spec: name, N, V, dtype, device, temperature, divergence, beta, seed, warmup (>= 1),
     runs (>= 1), memory (bool: CPU peak RSS, only meaningful in a fresh process), threads
     (optional: torch.set_num_threads for the measurement). Returns the measured fields
-    (times in ms, memory in MB; full_ms_runs: every timed forward+backward).
+    (times in ms, memory in MB; full_ms_runs: every timed forward+backward; others_share: the
+    share of the machine's CPU time other processes used during the timed runs, or None).
     """
     device = torch.device(spec["device"])
     cuda = device.type == "cuda"
@@ -266,7 +267,9 @@ def measure(spec: dict) -> dict:
         _warmup(fn, sets, spec["warmup"], device)
         out = {"input_sets": nsets, "warmup": spec["warmup"], "threads": torch.get_num_threads(),
                "warmup_s": round(time.perf_counter() - t0, 3)}
+        mon = trust.Contention().start()  # over the timed runs only: what competed with them
         fwd, bwd = _timed_runs(fn, sets, runs=spec["runs"], device=device)
+        out["others_share"] = mon.stop()["others_share"]
         full = [a + b for a, b in zip(fwd, bwd)]
         st = trust.summary(full)
         out.update(runs=len(full), fwd_ms=trust.summary(fwd)["median"], bwd_ms=trust.summary(bwd)["median"],

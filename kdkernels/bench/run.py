@@ -317,11 +317,9 @@ def main(argv=None) -> int:
                             divergence=args.divergence, beta=args.beta, seed=args.seed, warmup=warmup,
                             runs=runs, threads=th, memory=not args.inprocess)
                 t0 = time.perf_counter()
-                mon = trust.Contention().start()
                 res = _measure_one(spec, args, cuda)
                 row = {"N": N, "V": V, "dtype": dtype, "divergence": args.divergence,
-                       "temperature": temperature, "candidate": cand, **res,
-                       "others_share": mon.stop()["others_share"]}
+                       "temperature": temperature, "candidate": cand, **res}
                 row["status"] = "ok" if "error" not in res else res["error"]
                 rows.append(row)
                 progress.step(f"{_step_msg(N, V, cand, res)} ({time.perf_counter() - t0:.0f} s)")
