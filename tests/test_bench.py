@@ -63,8 +63,15 @@ def test_contention_counts_what_others_used(monkeypatch):
     clock.update(busy=106.0, own=12.0, t=4.0)
     r = c.stop()
     assert r["others_cpu_s"] == pytest.approx(4.0) and r["others_share"] == pytest.approx(0.5)
-    assert "used 50% of the machine's CPU time" in trust.contention_warning(r)
+    assert "took 50.0% of the CPU time the timed runs could use" in trust.contention_warning(r)
     assert trust.contention_warning({"others_share": 0.05}) is None
+    # a one-thread measurement leaves one CPU free: only the 4 - 4 = 0 CPU-s beyond it competed
+    one = trust.Contention(threads=1).start()
+    clock.update(busy=112.0, own=14.0, t=8.0)
+    assert one.stop()["others_share"] == pytest.approx(0.0)
+    one = trust.Contention(threads=1).start()   # others 6 CPU-s in 4 s: 2 beyond the free CPU
+    clock.update(busy=120.0, own=16.0, t=12.0)
+    assert one.stop()["others_share"] == pytest.approx(0.5)
 
 
 def test_finished_children_count_as_our_own_cpu_time():
@@ -130,7 +137,7 @@ def test_warns_when_other_processes_take_cpu_time(monkeypatch, capsys):
     monkeypatch.setattr(trust.Contention, "stop", lambda self: {"wall_s": 1.0, "others_share": 0.6})
     assert bench_main(TINY + ["--runs", "5"]) == 0
     out = capsys.readouterr().out
-    assert "WARNING: other processes used more than 10% of the CPU time while 2 of 2 candidates ran" in out
+    assert "WARNING: other processes took more than 10% of the CPU time that the timed runs of 2 of 2" in out
 
 
 def test_warns_when_runs_spread(monkeypatch, capsys):

@@ -248,7 +248,7 @@ def measure(spec: dict) -> dict:
     runs (>= 1), memory (bool: CPU peak RSS, only meaningful in a fresh process), threads
     (optional: torch.set_num_threads for the measurement). Returns the measured fields
     (times in ms, memory in MB; full_ms_runs: every timed forward+backward; others_share: the
-    share of the machine's CPU time other processes used during the timed runs, or None).
+    share of the timed runs' CPU time (their threads' worth) other processes took, or None).
     """
     device = torch.device(spec["device"])
     cuda = device.type == "cuda"
@@ -267,7 +267,7 @@ def measure(spec: dict) -> dict:
         _warmup(fn, sets, spec["warmup"], device)
         out = {"input_sets": nsets, "warmup": spec["warmup"], "threads": torch.get_num_threads(),
                "warmup_s": round(time.perf_counter() - t0, 3)}
-        mon = trust.Contention().start()  # over the timed runs only: what competed with them
+        mon = trust.Contention(torch.get_num_threads()).start()  # over the timed runs only
         fwd, bwd = _timed_runs(fn, sets, runs=spec["runs"], device=device)
         out["others_share"] = mon.stop()["others_share"]
         full = [a + b for a, b in zip(fwd, bwd)]

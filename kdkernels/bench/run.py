@@ -234,8 +234,8 @@ def warnings_for(rows: list[dict], load_before, ncpu) -> list[str]:
     busy = [r for r in rows if (r.get("others_share") or 0) > trust.OTHERS_LIMIT]
     if busy:
         worst = max(busy, key=lambda r: r["others_share"])
-        out.append(f"other processes used more than {100 * trust.OTHERS_LIMIT:.0f}% of the CPU time while "
-                   f"{len(busy)} of {len(rows)} candidates ran (up to {100 * worst['others_share']:.0f}%, "
+        out.append(f"other processes took more than {100 * trust.OTHERS_LIMIT:.0f}% of the CPU time that the timed "
+                   f"runs of {len(busy)} of {len(rows)} candidates could use (up to {100 * worst['others_share']:.1f}%, "
                    f"N={worst['N']} V={worst['V']} {worst['candidate']}): those timings include that competition")
     return out
 

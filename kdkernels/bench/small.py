@@ -106,7 +106,7 @@ def measure_pair(N, V, threads, *, runs, warmup, device, seed=0, backend="torch"
                 _call_us(fn, s, t, y, sync)
         times = {name: [] for name in fns}
         order = list(fns)
-        mon = trust.Contention().start()
+        mon = trust.Contention(threads).start()
         for i in range(runs):
             for name in (order if i % 2 == 0 else order[::-1]):
                 times[name].append(_call_us(fns[name], s, t, y, sync))

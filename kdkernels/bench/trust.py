@@ -8,7 +8,8 @@ its runs agree with one another. Three signals, each turned into a plain-languag
                 else's job is not fully in it, and a just-finished run of our own is; so
                 where the next signal is measured and low, it is not raised);
   CPU used by   /proc/stat busy time of the whole machine minus this process's and its
-  others        finished children's CPU time (os.times), over the run: what others took;
+  others        finished children's CPU time (os.times), over the timed runs, beyond the CPUs
+                the measurement's threads left free: what others took from it;
   spread        of one candidate's timed runs: the interquartile range against the median
                 (steady?), and the slowest run against the median (a tail?).
 """
@@ -20,7 +21,7 @@ import time
 
 # Above these the figures are flagged (constants, so that tests and docs can name them).
 LOAD_LIMIT = 0.25         # load average per CPU before the run
-OTHERS_LIMIT = 0.10       # share of all CPUs' time used by other processes during the run
+OTHERS_LIMIT = 0.10       # share of the timed runs' CPU time (their threads' worth) others took
 SPREAD_LIMIT = 0.10       # (q3 - q1) / median of the timed runs
 WORST_LIMIT = 2.0         # slowest run / median
 MIN_RUNS = 5              # fewer timed runs than this: the spread says little
@@ -92,12 +93,14 @@ def _own_s() -> float:
 
 
 class Contention:
-    """CPU time that other processes used between start() and stop() (Linux; None elsewhere).
+    """CPU time that other processes took from a measurement between start() and stop()
+    (Linux; None elsewhere). A measurement on `threads` threads leaves ncpu - threads CPUs to
+    others: only what they used beyond that competed with it, as a share of the threads' time.
 
-    Child processes count as our own once they have been waited for (subprocess.run does),
-    which is the case for the benchmark's worker processes when stop() is called."""
+    Child processes count as our own once they have been waited for (subprocess.run does)."""
 
-    def __init__(self):
+    def __init__(self, threads: int | None = None):
+        self.threads = threads
         self.t0 = self.busy0 = self.own0 = None
 
     def start(self) -> "Contention":
@@ -108,15 +111,17 @@ class Contention:
         wall = time.monotonic() - self.t0
         busy = _busy_s()
         ncpu = os.cpu_count() or 1
+        threads = min(ncpu, self.threads or ncpu)
         if busy is None or self.busy0 is None or wall <= 0:
             return {"wall_s": wall, "others_share": None}
         others = max(0.0, (busy - self.busy0) - (_own_s() - self.own0))
-        return {"wall_s": wall, "others_cpu_s": others, "others_share": others / (wall * ncpu)}
+        competing = max(0.0, others - (ncpu - threads) * wall)
+        return {"wall_s": wall, "others_cpu_s": others, "others_share": min(1.0, competing / (threads * wall))}
 
 
 def contention_warning(c: dict) -> str | None:
     share = c.get("others_share")
     if share is None or share <= OTHERS_LIMIT:
         return None
-    return (f"other processes used {100 * share:.0f}% of the machine's CPU time during the run "
+    return (f"other processes took {100 * share:.1f}% of the CPU time the timed runs could use "
             f"(limit {100 * OTHERS_LIMIT:.0f}%): these timings include that competition")
