@@ -53,7 +53,7 @@ def test_threaded_and_serial_agree(two_threads, monkeypatch):
     out = {}
     for threaded in (True, False):
         monkeypatch.setattr(tb, "_contended_until", float("inf") if threaded else 0.0)
-        monkeypatch.setattr(tb, "_sleeps", lambda: 0)  # and never seen waiting
+        monkeypatch.setattr(tb, "OFF_CPU_MIN_S", float("inf"))  # and never seen waiting
         x = s.detach().clone().requires_grad_()
         loss = kdkernels.kd_loss(x, t, y, temperature=2.0, hard_weight=0.5, reduction="none", backend="torch")
         loss.sum().backward()
@@ -70,39 +70,41 @@ def _record(seen, sleep=0.002):
     return body
 
 
+class FakeClocks:
+    """tb._clocks for the calling thread: each chunk it runs takes `wall` seconds, `cpu` of them
+    on a CPU (the rest preempted or asleep at its ops' barriers)."""
+
+    def __init__(self, monkeypatch, wall, cpu, min_off=3.0):
+        self.now, self.cpu_now, self.wall, self.cpu = 0.0, 0.0, wall, cpu
+        self.caller = threading.get_ident()
+        monkeypatch.setattr(tb, "_clocks", lambda: (self.now, self.cpu_now))
+        monkeypatch.setattr(tb, "OFF_CPU_MIN_S", min_off)
+
+    def wrap(self, body):
+        def wrapped(a, ws):
+            if threading.get_ident() == self.caller:
+                self.now += self.wall
+                self.cpu_now += self.cpu
+            body(a, ws)
+        return wrapped
+
+
 def test_idle_calls_stay_on_the_caller(two_threads, monkeypatch):
     monkeypatch.setattr(tb, "_contended_until", 0.0)
-    monkeypatch.setattr(tb, "_sleeps", lambda: 7)  # never sleeps: its barriers do not wait
+    clocks = FakeClocks(monkeypatch, wall=1.0, cpu=1.0)  # always on a CPU: its barriers do not wait
     seen = []
-    tb.for_each_chunk(range(0, 40, 2), _record(seen, 0.0), dict, torch.device("cpu"))
+    tb.for_each_chunk(range(0, 40, 2), clocks.wrap(_record(seen, 0.0)), dict, torch.device("cpu"))
     assert {tid for _, tid, _, _ in seen} == {threading.get_ident()}
     assert all(n == 2 for _, _, n, _ in seen) and tb._contended_until == 0.0
 
 
-def _sleeping(monkeypatch, per_chunk):
-    """The calling thread sleeps `per_chunk` times per chunk (at its ops' barriers)."""
-    count = {"n": 0}
-    caller = threading.get_ident()
-
-    def sleeps():
-        return count["n"]
-
-    def body_wrap(body):
-        def wrapped(a, ws):
-            if threading.get_ident() == caller:
-                count["n"] += per_chunk
-            body(a, ws)
-        return wrapped
-    monkeypatch.setattr(tb, "_sleeps", sleeps)
-    return body_wrap
-
-
 def test_a_caller_waiting_at_barriers_hands_the_rest_to_the_threads(two_threads, monkeypatch):
     monkeypatch.setattr(tb, "_contended_until", 0.0)
-    wrap = _sleeping(monkeypatch, 2)  # 4 sleeps (CONTENDED_SWITCHES) after the second chunk
+    # 1.5 s off a CPU per chunk: 3 s (OFF_CPU_MIN_S here), 60 % of the loop, after the second chunk
+    clocks = FakeClocks(monkeypatch, wall=2.5, cpu=1.0)
     seen = []
     t0 = time.monotonic()
-    tb.for_each_chunk(range(0, 40, 2), wrap(_record(seen)), dict, torch.device("cpu"))
+    tb.for_each_chunk(range(0, 40, 2), clocks.wrap(_record(seen)), dict, torch.device("cpu"))
     assert sorted(a for a, *_ in seen) == list(range(0, 40, 2))
     first = [n for a, _, n, _ in seen if a in (0, 2)]
     assert first == [2, 2]                                    # on the caller, ops parallel inside
@@ -115,21 +117,37 @@ def test_a_caller_waiting_at_barriers_hands_the_rest_to_the_threads(two_threads,
     assert torch.get_num_threads() == 2
 
 
-def test_a_few_sleeps_are_not_contention(two_threads, monkeypatch):
+@pytest.mark.parametrize("wall,cpu,chunks", [(4.0, 3.5, 20), (1.0, 0.5, 5)],
+                         ids=["12% off the cpu", "50% but under OFF_CPU_MIN_S"])
+def test_a_little_time_off_the_cpu_is_not_contention(two_threads, monkeypatch, wall, cpu, chunks):
+    """Off a CPU for less than OFF_CPU_SHARE of the loop (an interrupt, a page of I/O), or for
+    less than OFF_CPU_MIN_S in all: stays on the caller."""
     monkeypatch.setattr(tb, "_contended_until", 0.0)
-    count = {"n": 0}
-    monkeypatch.setattr(tb, "_sleeps", lambda: count["n"])
+    clocks = FakeClocks(monkeypatch, wall=wall, cpu=cpu)
+    seen = []
+    # 20 chunks: 10 s off a CPU, but 12 % of the loop; 5 chunks: 50 %, but 2 s (< 3 s) when last checked
+    tb.for_each_chunk(range(0, 2 * chunks, 2), clocks.wrap(_record(seen, 0.0)), dict, torch.device("cpu"))
+    assert {tid for _, tid, _, _ in seen} == {threading.get_ident()} and tb._contended_until == 0.0
 
-    def body(a, ws):  # CONTENDED_SWITCHES - 1 sleeps in all, then none
-        count["n"] = min(count["n"] + 1, tb.CONTENDED_SWITCHES - 1)
-        assert torch.get_num_threads() == 2
-    tb.for_each_chunk(range(0, 40, 2), body, dict, torch.device("cpu"))
-    assert tb._contended_until == 0.0
+
+def test_a_preempted_caller_renews_the_window(two_threads, monkeypatch):
+    now = time.monotonic()
+    monkeypatch.setattr(tb, "_contended_until", now + 0.5)
+    count = {"inv": 0}
+    monkeypatch.setattr(tb, "_preemptions", lambda: count["inv"])
+
+    def preempted(a, ws):  # far above PREEMPTED_PER_S for a call of a few ms
+        count["inv"] += 100
+    tb.for_each_chunk(range(0, 8, 2), preempted, dict, torch.device("cpu"))
+    assert tb._contended_until >= now + tb.CONTENDED_FOR_S
+    monkeypatch.setattr(tb, "_contended_until", now + 0.5)
+    tb.for_each_chunk(range(0, 8, 2), lambda a, ws: None, dict, torch.device("cpu"))  # not preempted
+    assert tb._contended_until == now + 0.5
 
 
 def test_the_threads_are_left_once_the_time_is_up(two_threads, monkeypatch):
     monkeypatch.setattr(tb, "_contended_until", time.monotonic() - 0.01)
-    monkeypatch.setattr(tb, "_sleeps", lambda: 0)
+    FakeClocks(monkeypatch, wall=1.0, cpu=1.0)
     seen = []
     tb.for_each_chunk(range(0, 8, 2), _record(seen, 0.0), dict, torch.device("cpu"))
     assert {tid for _, tid, _, _ in seen} == {threading.get_ident()} and all(n == 2 for *_, n, _ in seen)

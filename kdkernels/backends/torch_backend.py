@@ -251,13 +251,20 @@ def kd_forward(student, teacher, labels, *, teacher_is_probs, temperature, diver
 # the chunk it holds, the others take the rest. On an idle machine that costs 10-80 % more
 # than the barriers do (each op hands the GIL to the other thread: measured 3500 voluntary
 # context switches per call at N=1024, V=131072), so it is only done where the barriers are
-# seen to wait: the loop starts on the calling thread and counts that thread's voluntary
-# context switches (idle, its team's barriers spin and it never sleeps: 0-7 per call
-# measured; loaded, 24-2353); past CONTENDED_SWITCHES (+1 per 32 chunks) the remaining chunks
-# go to the threads, and so do whole calls for the next CONTENDED_FOR_S seconds.
+# seen to wait: the loop starts on the calling thread and compares its CPU time with the wall
+# time. Idle, a team's barriers spin and the thread is on a CPU all the time (measured: 99 %
+# over a call); on a busy machine it is preempted or sleeps at the barriers (30-80 % of the
+# time off a CPU). Once it has been off a CPU for OFF_CPU_SHARE of the loop (and at least
+# OFF_CPU_MIN_S), the remaining chunks go to the threads, and so do whole calls for the next
+# CONTENDED_FOR_S seconds. That window is renewed by every call on the threads during which
+# the calling thread was preempted at least PREEMPTED_PER_S times a second (measured: 0-45 / s
+# with this process at the head of the queue, 100-170 / s beside two busy processes), so that
+# a lasting load does not meet the serial loop's stalls again every few seconds.
 CHUNK_THREADS = True   # False: never; every chunk on the calling thread, ops parallel inside (as on GPUs)
-CONTENDED_SWITCHES = 4
+OFF_CPU_SHARE = 0.3
+OFF_CPU_MIN_S = 0.010
 CONTENDED_FOR_S = 5.0
+PREEMPTED_PER_S = 90.0
 _contended_until = 0.0  # time.monotonic() before which calls start on the threads
 _pool: dict = {}       # key (pid, helpers), pid, ok (threads can go single), executor
 _omp_lock, _pool_lock = threading.Lock(), threading.Lock()
@@ -325,13 +332,18 @@ def _helpers(device: torch.device, chunks: int):
     return None if ex is None else (ex, n - 1)
 
 
-def _sleeps() -> int | None:
-    """Voluntary context switches of the calling thread so far (Linux), else None."""
+def _preemptions() -> int | None:
+    """Involuntary context switches of the calling thread so far (Linux), else None."""
     try:
         import resource  # not on Windows
-        return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+        return resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw
     except (ImportError, AttributeError, OSError):
         return None
+
+
+def _clocks() -> tuple[float, float]:
+    """(wall time, the calling thread's CPU time) in seconds."""
+    return time.perf_counter(), time.thread_time()
 
 
 def for_each_chunk(starts, body, new_workspace, device: torch.device) -> None:
@@ -342,14 +354,22 @@ def for_each_chunk(starts, body, new_workspace, device: torch.device) -> None:
     global _contended_until
     helpers = _helpers(device, len(starts))
     if helpers is not None and time.monotonic() < _contended_until:
-        return _on_threads(starts, body, new_workspace, helpers, None)
+        t0, p0 = time.monotonic(), _preemptions()
+        _on_threads(starts, body, new_workspace, helpers, None)
+        t1, p1 = time.monotonic(), _preemptions()
+        if p0 is not None and p1 - p0 >= max(2.0, PREEMPTED_PER_S * (t1 - t0)):
+            _contended_until = t1 + CONTENDED_FOR_S  # still preempted: the load lasts
+        return
     ws = new_workspace()
-    start = _sleeps() if helpers is not None else None
+    wall0, cpu0 = _clocks()
     for i, a in enumerate(starts):
         body(a, ws)
-        if start is not None and _sleeps() - start >= CONTENDED_SWITCHES + (i + 1) // 32 and i + 1 < len(starts):
-            _contended_until = time.monotonic() + CONTENDED_FOR_S
-            return _on_threads(starts[i + 1:], body, new_workspace, helpers, ws)
+        if helpers is not None and i + 1 < len(starts):
+            wall, cpu = _clocks()
+            off = (wall - wall0) - (cpu - cpu0)
+            if off >= max(OFF_CPU_MIN_S, OFF_CPU_SHARE * (wall - wall0)):
+                _contended_until = time.monotonic() + CONTENDED_FOR_S
+                return _on_threads(starts[i + 1:], body, new_workspace, helpers, ws)
 
 
 def _on_threads(starts, body, new_workspace, helpers, ws) -> None:
