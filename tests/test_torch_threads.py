@@ -130,21 +130,6 @@ def test_a_little_time_off_the_cpu_is_not_contention(two_threads, monkeypatch, w
     assert {tid for _, tid, _, _ in seen} == {threading.get_ident()} and tb._contended_until == 0.0
 
 
-def test_a_preempted_caller_renews_the_window(two_threads, monkeypatch):
-    now = time.monotonic()
-    monkeypatch.setattr(tb, "_contended_until", now + 0.5)
-    count = {"inv": 0}
-    monkeypatch.setattr(tb, "_preemptions", lambda: count["inv"])
-
-    def preempted(a, ws):  # far above PREEMPTED_PER_S for a call of a few ms
-        count["inv"] += 100
-    tb.for_each_chunk(range(0, 8, 2), preempted, dict, torch.device("cpu"))
-    assert tb._contended_until >= now + tb.CONTENDED_FOR_S
-    monkeypatch.setattr(tb, "_contended_until", now + 0.5)
-    tb.for_each_chunk(range(0, 8, 2), lambda a, ws: None, dict, torch.device("cpu"))  # not preempted
-    assert tb._contended_until == now + 0.5
-
-
 def test_the_threads_are_left_once_the_time_is_up(two_threads, monkeypatch):
     monkeypatch.setattr(tb, "_contended_until", time.monotonic() - 0.01)
     FakeClocks(monkeypatch, wall=1.0, cpu=1.0)

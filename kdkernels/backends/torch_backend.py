@@ -256,15 +256,12 @@ def kd_forward(student, teacher, labels, *, teacher_is_probs, temperature, diver
 # over a call); on a busy machine it is preempted or sleeps at the barriers (30-80 % of the
 # time off a CPU). Once it has been off a CPU for OFF_CPU_SHARE of the loop (and at least
 # OFF_CPU_MIN_S), the remaining chunks go to the threads, and so do whole calls for the next
-# CONTENDED_FOR_S seconds. That window is renewed by every call on the threads during which
-# the calling thread was preempted at least PREEMPTED_PER_S times a second (measured: 0-45 / s
-# with this process at the head of the queue, 100-170 / s beside two busy processes), so that
-# a lasting load does not meet the serial loop's stalls again every few seconds.
+# CONTENDED_FOR_S seconds; then a call tries the serial loop again (under a lasting load that
+# costs the first ~20 ms of one call every CONTENDED_FOR_S: detection is that quick).
 CHUNK_THREADS = True   # False: never; every chunk on the calling thread, ops parallel inside (as on GPUs)
 OFF_CPU_SHARE = 0.3
 OFF_CPU_MIN_S = 0.010
 CONTENDED_FOR_S = 5.0
-PREEMPTED_PER_S = 90.0
 _contended_until = 0.0  # time.monotonic() before which calls start on the threads
 _pool: dict = {}       # key (pid, helpers), pid, ok (threads can go single), executor
 _omp_lock, _pool_lock = threading.Lock(), threading.Lock()
@@ -332,15 +329,6 @@ def _helpers(device: torch.device, chunks: int):
     return None if ex is None else (ex, n - 1)
 
 
-def _preemptions() -> int | None:
-    """Involuntary context switches of the calling thread so far (Linux), else None."""
-    try:
-        import resource  # not on Windows
-        return resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw
-    except (ImportError, AttributeError, OSError):
-        return None
-
-
 def _clocks() -> tuple[float, float]:
     """(wall time, the calling thread's CPU time) in seconds."""
     return time.perf_counter(), time.thread_time()
@@ -354,12 +342,7 @@ def for_each_chunk(starts, body, new_workspace, device: torch.device) -> None:
     global _contended_until
     helpers = _helpers(device, len(starts))
     if helpers is not None and time.monotonic() < _contended_until:
-        t0, p0 = time.monotonic(), _preemptions()
-        _on_threads(starts, body, new_workspace, helpers, None)
-        t1, p1 = time.monotonic(), _preemptions()
-        if p0 is not None and p1 - p0 >= max(2.0, PREEMPTED_PER_S * (t1 - t0)):
-            _contended_until = t1 + CONTENDED_FOR_S  # still preempted: the load lasts
-        return
+        return _on_threads(starts, body, new_workspace, helpers, None)
     ws = new_workspace()
     wall0, cpu0 = _clocks()
     for i, a in enumerate(starts):

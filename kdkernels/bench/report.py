@@ -100,10 +100,11 @@ def write_all(prefix: str, meta: dict, rows: list[dict], columns=COLUMNS, csv_fi
 PANELS = (("full_ms", "forward+backward ms"), ("peak_mb", "peak memory MB"))
 
 
-def plots(prefix: str, rows: list[dict], panels=PANELS) -> list[str]:
+def plots(prefix: str, rows: list[dict], panels=PANELS, refs=None) -> list[str]:
     """One panel per (key, label) of `panels` (default: time and peak memory) against V (one
     line per candidate and N) and against N (per V), as PNG files next to the JSON; [] when
-    matplotlib is not installed. A row enters a panel where its key holds a positive value."""
+    matplotlib is not installed. A row enters a panel where its key holds a positive value.
+    refs: {key: y} draws a horizontal reference line (a goal) in that key's panel."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -120,8 +121,11 @@ def plots(prefix: str, rows: list[dict], panels=PANELS) -> list[str]:
                     pts = sorted((r[x], r[key]) for r in ok
                                  if r["candidate"] == cand and r[other] == o and (r.get(key) or 0) > 0
                                  and not r.get(key + "_below_res"))
-                    if pts:
-                        ax.plot(*zip(*pts), marker="o", label=f"{cand} {other}={o}")
+                    if pts:  # past the 10 colours, a new line style
+                        ax.plot(*zip(*pts), marker="o", linestyle=("-", "--", ":", "-.")[len(ax.lines) // 10 % 4],
+                                label=f"{cand} {other}={o}")
+            if refs and key in refs:
+                ax.axhline(refs[key], color="black", linewidth=0.8, linestyle="--")
             ax.set_xlabel(x)
             ax.set_ylabel(label)
             ax.set_xscale("log", base=2)

@@ -180,7 +180,8 @@ def main(args, device) -> int:
     if prefix:
         paths = report.write_all(prefix, meta, rows, COLUMNS, CSV_FIELDS)
         paths += report.plots(prefix, _plot_rows(rows), panels=(("full_ms", "forward+backward ms"),
-                                                                 ("ratio", "kd / eager")))
+                                                                 ("ratio", f"kd / eager (dashed: {GOAL:g})")),
+                              refs={"ratio": GOAL})
     print(f"{meta['device_name']}, torch {torch.__version__}: {meta['loss']}; {meta['timing']}; {meta['load']}")
     print(report.table(rows, COLUMNS))
     met = sum(r["meets"] == "yes" for r in rows)
