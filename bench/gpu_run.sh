@@ -60,7 +60,7 @@ LIMIT[broad]=$(( PLAN - planned > 0 ? PLAN - planned : 0 ))
 if [ "$MODE" = cpu ]; then
   SCALE=tiny
   BROAD=(tests/test_tuning_table.py)
-  BENCH=(-m kdkernels bench --device cpu --N 8 --V 1000 --repeats 2 --inprocess --peers eager)
+  BENCH=(-m kdkernels bench --device cpu --N 8 --V 1000 --runs 2 --inprocess --peers eager)
   TUNE=(--repeats 2)
   FUSED=(bench/fused_linear_memory.py --device cpu --n 64 --hidden 32 --vocab 300 --repeats 1)
   TRL_ARGS="--device cpu --n 64 --hidden 32 --vocab 300 --points 2 --inprocess"
@@ -71,7 +71,7 @@ else
   # the CUDA C++ tests first: that code has never run; then the Triton files, torch.compile, vocab-parallel
   BROAD=(tests/test_cuda.py tests/test_triton.py tests/test_topk_triton.py tests/test_nan.py tests/test_compile.py
          tests/test_fused_linear.py tests/test_tuning_table.py "tests/test_distributed.py::test_triton_shard_one_rank_labels")
-  BENCH=(-m kdkernels bench --device cuda --repeats 10 --budget 3 --warmup 2)
+  BENCH=(-m kdkernels bench --device cuda --runs 5 --warmup 2)  # every candidate the same 5 runs (no time budget)
   FUSED=(bench/fused_linear_memory.py --device cuda --n 8192 --hidden 4096 --vocab 128256 --dtype bfloat16)
   TRL_ARGS="--device cuda --n 8192 --hidden 4096 --vocab 128256 --dtype bfloat16 --inprocess --repeats 2"
   IGNORED_ARGS="--device cuda --n 8192 --hidden 4096 --vocab 128256 --dtype bfloat16 --rounds 1 --repeats 3"
@@ -231,7 +231,7 @@ echo "build: $(( $(date +%s) - BUILD_T0 )) s from its start"
 
 [ "$MODE" = cpu ] && export TRITON_INTERPRET=1
 pytest_stage smoke tests/test_gpu_run.py -k smoke
-stage bench 05-bench.log "$PY" "${BENCH[@]}" --out "$STAGES/05-bench"
+stage bench 05-bench.log "$PY" "${BENCH[@]}" --out "$STAGES" --name 05-bench
 stage fused_linear 06-fused-linear.log "$PY" "${FUSED[@]}" --json "$STAGES/06-fused-linear.json"
 trl_stage() {  # the TRL comparison first (it prints a line per grid point as it goes), then ignored positions
   local rc=0

@@ -128,7 +128,7 @@ def train_teachers(cfg: Config, data):
     return [p.detach() for p in params]
 
 
-def train_students(cfg: Config, data, conditions, t_logits, ens_probs):
+def train_students(cfg: Config, data, conditions, t_logits, ens_probs, progress=None):
     """Every student (conditions x seeds x widths) in one batched loop.
 
     conditions: list of (kind, T) with kind in "hard", "kd", "kd+hard", "ens-kd".
@@ -139,6 +139,8 @@ def train_students(cfg: Config, data, conditions, t_logits, ens_probs):
     hidden units concatenated, sum of widths) and each width's output layer reads only its own
     units, so they train exactly as separate models would (Adam is per element) while kd_loss
     runs once per condition and step, on (S, N, widths, 10).
+    progress(epochs_done, epochs), if given, is called after every tenth of the epochs: this is
+    most of the demo's run time.
     Returns test accuracy (C, S, widths).
     """
     S, C, K = cfg.seeds, len(conditions), len(cfg.sizes)
@@ -170,7 +172,8 @@ def train_students(cfg: Config, data, conditions, t_logits, ens_probs):
         Ws = W2.split(cfg.sizes, dim=1)
         return torch.stack([torch.baddbmm(b2[:, k], hs[k], Ws[k]) for k in range(K)], dim=2)
 
-    for _ in range(cfg.student_epochs):
+    every = max(1, cfg.student_epochs // 10)
+    for epoch in range(cfg.student_epochs):
         logits = logits_of(params, Xb).view(C, S, N, K, NUM_CLASSES)
         loss = 0.0
         for c, (kind, T) in enumerate(conditions):
@@ -190,6 +193,8 @@ def train_students(cfg: Config, data, conditions, t_logits, ens_probs):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if progress is not None and ((epoch + 1) % every == 0 or epoch + 1 == cfg.student_epochs):
+            progress(epoch + 1, cfg.student_epochs)
     Xte, yte = data["X"][data["test"]], data["y"][data["test"]]
     with torch.no_grad():
         pred = logits_of([p.detach() for p in params], Xte.expand(C * S, *Xte.shape))
@@ -331,7 +336,14 @@ def _run(cfg: Config, log, t0) -> dict:
     log(f"\n[3-5] students: MLP 64-H-10, {cfg.n_student} training images, test accuracy mean +- std over "
         f"{S} seeds")
     ts = time.perf_counter()
-    acc = train_students(cfg, data, conditions, t_sub, ens_sub)       # (C, S, K)
+    n_students = len(conditions) * S * len(cfg.sizes)
+
+    def progress(done, total):
+        took = time.perf_counter() - ts
+        log(f"  training {n_students} students: epoch {done}/{total}, {took:.1f}s"
+            + (f" (about {took * (total - done) / done:.0f}s to go)" if done < total else ""))
+
+    acc = train_students(cfg, data, conditions, t_sub, ens_sub, progress)       # (C, S, K)
     for k, h in enumerate(cfg.sizes):
         results[h] = {f"{kind}@{T:g}" if kind != "hard" else "hard": [float(a) for a in acc[c, :, k]]
                       for c, (kind, T) in enumerate(conditions)}
@@ -550,7 +562,7 @@ def main(argv=None) -> int:
         cfg.seeds = args.seeds
     if args.threads is not None and args.threads < 1:
         ap.error("--threads must be >= 1")
-    result = run(cfg)
+    result = run(cfg, log=lambda *a: print(*a, flush=True))  # flushed: progress shows through a pipe
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "demo.json"), "w") as f:

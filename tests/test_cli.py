@@ -44,18 +44,18 @@ def test_check_fails_with_exit_code_1(monkeypatch, capsys):
 
 @pytest.mark.parametrize("inprocess", [True, False], ids=["inprocess", "worker-processes"])
 def test_bench_tiny_writes_valid_json_csv_md(tmp_path, capsys, inprocess):
-    prefix = tmp_path / "res"
     argv = ["--device", "cpu", "--N", "4", "--V", "300", "--backends", "torch", "--peers", "eager",
-            "--repeats", "2", "--out", str(prefix)] + (["--inprocess"] if inprocess else [])
+            "--runs", "2", "--out", str(tmp_path), "--name", "res"] + (["--inprocess"] if inprocess else [])
     assert bench_main(argv) == 0
     out = capsys.readouterr().out
     assert "kd:torch" in out and "eager" in out
+    assert f"wrote {tmp_path / 'res.json'}, {tmp_path / 'res.csv'}, {tmp_path / 'res.md'}" in out
     data = json.loads((tmp_path / "res.json").read_text())
     assert data["meta"]["device"] == "cpu" and data["meta"]["versions"]["torch"]
     rows = data["results"]
     assert [r["candidate"] for r in rows] == ["kd:torch", "eager"]
     for r in rows:
-        assert r["status"] == "ok" and r["runs"] >= 1 and r["full_ms"] > 0
+        assert r["status"] == "ok" and r["runs"] == 2 and r["full_ms"] > 0
         assert r["grad_err"] < 1e-5 and r["loss_err"] < 1e-5
     assert rows[1]["speedup"] == 1.0
     with open(tmp_path / "res.csv", newline="") as f:
@@ -67,5 +67,5 @@ def test_bench_tiny_writes_valid_json_csv_md(tmp_path, capsys, inprocess):
 
 def test_bench_reports_an_unknown_peer_as_skipped(tmp_path, capsys):
     assert bench_main(["--device", "cpu", "--N", "2", "--V", "50", "--backends", "none", "--peers", "eager",
-                       "nosuchpeer", "--repeats", "1", "--inprocess", "--out", str(tmp_path / "r")]) == 0
+                       "nosuchpeer", "--runs", "1", "--inprocess", "--out", str(tmp_path)]) == 0
     assert "skipped nosuchpeer" in capsys.readouterr().out

@@ -147,3 +147,26 @@ def _has_matplotlib():
     except ImportError:
         return False
     return True
+
+
+def test_student_training_reports_progress():
+    """The student phase is most of the demo's run: it says how far it is, every tenth of the epochs."""
+    cfg = demo.Config(**{**demo.QUICK, "seeds": 1, "student_epochs": 20}, quick=True)
+    data = demo.load_data(cfg)
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(1, cfg.n_student, 10, generator=g)
+    calls = []
+    acc = demo.train_students(cfg, data, [("hard", 0.0), ("kd", 2.0)], t, torch.softmax(t, -1),
+                              progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(e, 20) for e in range(2, 21, 2)]
+    assert acc.shape == (2, 1, len(cfg.sizes))
+
+
+def test_run_prints_progress_before_the_results():
+    cfg = demo.Config(**{**demo.QUICK, "seeds": 1, "student_epochs": 5, "teacher_epochs": 5}, quick=True)
+    lines = []
+    demo.run(cfg, log=lines.append)
+    epochs = [i for i, line in enumerate(lines) if "students: epoch" in line]
+    trained = next(i for i, line in enumerate(lines) if line.strip().startswith("trained "))
+    assert [lines[i].split("epoch ")[1].split(",")[0] for i in epochs] == [f"{e}/5" for e in range(1, 6)]
+    assert epochs[-1] < trained and "to go" in lines[epochs[0]] and "to go" not in lines[epochs[-1]]

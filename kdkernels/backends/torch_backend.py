@@ -8,7 +8,12 @@ gradient is written during the forward pass.
 """
 from __future__ import annotations
 
+import ctypes
 import math
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 
@@ -225,12 +230,167 @@ def kd_forward(student, teacher, labels, *, teacher_is_probs, temperature, diver
     acc = _acc_dtype(student, teacher)
     loss, grad_s, grad_t = _outputs(student, teacher, teacher_grad, acc)
     step = _rows_per_chunk(V)
-    ws = M.Workspace(min(step, N), V, acc, student.device)
-    for a in range(0, N, step):
+
+    def chunk(a, ws):
         b = min(N, a + step)
         loss[a:b] = kd_block(student[a:b], teacher[a:b], None if labels is None else labels[a:b], ws,
                              grad_s[a:b], grad_t[a:b] if teacher_grad else None, **kw)
+    for_each_chunk(range(0, N, step), chunk, lambda: M.Workspace(min(step, N), V, acc, student.device),
+                   student.device)
     return loss, grad_s, grad_t
+
+
+# ------------------------------------------------------------ chunks across threads (CPU)
+# Every ATen op on a chunk opens an OpenMP parallel region, and each region ends in a barrier
+# that waits for every thread of the team. When other processes keep the cores busy, one
+# descheduled team thread holds that barrier for a scheduler time slice (milliseconds), once
+# per op: N=512, V=32000 is 64 chunks of ~18 such ops, and the call went from 58 to 212 ms
+# median, 1494 ms worst, beside two busy processes on 2 cores (eager: 290 -> 566 ms). Then
+# it is better for each thread to take whole chunks and run their ops alone (no barrier
+# inside the loop), the chunks handed out one at a time: a descheduled thread delays only
+# the chunk it holds, the others take the rest. On an idle machine that costs 10-80 % more
+# than the barriers do (each op hands the GIL to the other thread: measured 3500 voluntary
+# context switches per call at N=1024, V=131072), so it is only done where the barriers are
+# seen to wait: the loop starts on the calling thread and compares its CPU time with the wall
+# time. Idle, a team's barriers spin and the thread is on a CPU all the time (measured: 99 %
+# over a call); on a busy machine it is preempted or sleeps at the barriers (30-80 % of the
+# time off a CPU). Once it has been off a CPU for OFF_CPU_SHARE of the loop (and at least
+# OFF_CPU_MIN_S), the remaining chunks go to the threads, and so do whole calls for the next
+# CONTENDED_FOR_S seconds; then a call tries the serial loop again (under a lasting load that
+# costs the first ~20 ms of one call every CONTENDED_FOR_S: detection is that quick).
+CHUNK_THREADS = True   # False: never; every chunk on the calling thread, ops parallel inside (as on GPUs)
+OFF_CPU_SHARE = 0.3
+OFF_CPU_MIN_S = 0.010
+CONTENDED_FOR_S = 5.0
+_contended_until = 0.0  # time.monotonic() before which calls start on the threads
+_pool: dict = {}       # key (pid, helpers), pid, ok (threads can go single), executor
+_omp_lock, _pool_lock = threading.Lock(), threading.Lock()
+_omp_set = None        # omp_set_num_threads of the OpenMP runtime ATen uses; False: none found
+
+
+def _omp_setter():
+    """omp_set_num_threads of the OpenMP runtime already loaded by torch (found by path in
+    /proc/self/maps, else among the process's global symbols), or False."""
+    global _omp_set
+    with _omp_lock:
+        if _omp_set is None:
+            _omp_set = False
+            names = []
+            try:
+                with open("/proc/self/maps") as f:
+                    names = sorted({line.split()[-1] for line in f
+                                    if any(k in line for k in ("libgomp", "libiomp", "libomp"))})
+            except OSError:
+                pass
+            for name in names + [None]:
+                try:
+                    _omp_set = ctypes.CDLL(name).omp_set_num_threads
+                    break
+                except (OSError, AttributeError):
+                    continue
+    return _omp_set
+
+
+def _ops_threads(n: int) -> bool:
+    """Let the calling thread's ATen ops use n threads. Thread-local (this thread's OpenMP
+    setting only), unlike torch.set_num_threads, which also changes the default of threads
+    created later and resizes torch's shared pools. True if it took effect."""
+    torch.get_num_threads()  # ATen initialises a thread's setting lazily: first, or it would undo ours
+    setter = _omp_setter()
+    if setter:
+        setter(n)
+    return torch.get_num_threads() == n
+
+
+def _thread_can_go_single() -> bool:
+    """Whether _ops_threads works here (some OpenMP runtimes may not be reachable): tried once,
+    on a throwaway thread."""
+    out = []
+    t = threading.Thread(target=lambda: out.append(_ops_threads(1)))
+    t.start()
+    t.join()
+    return bool(out and out[0])
+
+
+def _helpers(device: torch.device, chunks: int):
+    """(executor, number of helper threads) to spread `chunks` over, or None: serial loop."""
+    n = min(torch.get_num_threads(), chunks)
+    if not CHUNK_THREADS or device.type != "cpu" or n < 2:
+        return None
+    key = (os.getpid(), n - 1)  # a forked child cannot use its parent's threads
+    with _pool_lock:
+        if _pool.get("key") != key:
+            if _pool.get("executor") is not None and _pool["key"][0] == key[0]:
+                _pool["executor"].shutdown(wait=False)
+            ok = _pool["ok"] if _pool.get("pid") == key[0] else _thread_can_go_single()
+            _pool.update(key=key, pid=key[0], ok=ok, executor=ThreadPoolExecutor(
+                max_workers=n - 1, thread_name_prefix="kdkernels-chunks") if ok else None)
+        ex = _pool["executor"]
+    return None if ex is None else (ex, n - 1)
+
+
+def _clocks() -> tuple[float, float]:
+    """(wall time, the calling thread's CPU time) in seconds."""
+    return time.perf_counter(), time.thread_time()
+
+
+def for_each_chunk(starts, body, new_workspace, device: torch.device) -> None:
+    """body(a, ws) for every chunk start `a` of the range `starts`: on the calling thread (ops
+    parallel inside), or on the CPU, once the calling thread is seen waiting at its ops'
+    barriers (see above), spread over torch.get_num_threads() threads (this one included),
+    each with its own workspace and its ATen ops on one thread."""
+    global _contended_until
+    helpers = _helpers(device, len(starts))
+    if helpers is not None and time.monotonic() < _contended_until:
+        return _on_threads(starts, body, new_workspace, helpers, None)
+    ws = new_workspace()
+    wall0, cpu0 = _clocks()
+    for i, a in enumerate(starts):
+        body(a, ws)
+        if helpers is not None and i + 1 < len(starts):
+            wall, cpu = _clocks()
+            off = (wall - wall0) - (cpu - cpu0)
+            if off >= max(OFF_CPU_MIN_S, OFF_CPU_SHARE * (wall - wall0)):
+                _contended_until = time.monotonic() + CONTENDED_FOR_S
+                return _on_threads(starts[i + 1:], body, new_workspace, helpers, ws)
+
+
+def _on_threads(starts, body, new_workspace, helpers, ws) -> None:
+    """body(a, ws) for every a in `starts`, the chunks handed out one at a time to this thread
+    (with `ws`, or a new workspace) and the helpers; ATen ops on one thread each. Grad and
+    inference mode follow the calling thread's."""
+    executor, n_helpers = helpers
+    todo, lock, stop = iter(starts), threading.Lock(), []
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def drain(ws=None):
+        try:
+            ws = ws if ws is not None else new_workspace()
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                while not stop:
+                    with lock:
+                        a = next(todo, None)
+                    if a is None:
+                        return
+                    body(a, ws)
+        except BaseException:
+            stop.append(True)  # the other threads stop at their next chunk
+            raise
+
+    def helper():
+        _ops_threads(1)  # cheap, and holds even if something reset this pool thread's setting
+        drain()
+
+    futures = [executor.submit(helper) for _ in range(n_helpers)]
+    threads = torch.get_num_threads()
+    try:
+        _ops_threads(1)
+        drain(ws)
+    finally:
+        _ops_threads(threads)
+        wait(futures)  # no helper may still write into the outputs when this returns or raises
+    for f in futures:
+        f.result()  # a helper's error, raised here
 
 
 def softmax_forward(x: torch.Tensor, temperature: float, log: bool) -> torch.Tensor:

@@ -1,34 +1,48 @@
 """Measuring one candidate at one size: time, peak memory, error; and the copy bandwidth.
 
-Times are medians of warm runs: CUDA events on a GPU (forward, backward and the sum, no
-host sync inside the timed loop), perf_counter on the CPU. On a GPU the inputs rotate
-through several sets whose total size exceeds L2 several times, so that no run finds its
-inputs cached by the previous one.
+Every candidate gets the same treatment: `warmup` full-size forward+backward runs (at least
+one), then exactly `runs` timed ones; the median is the figure, min / max / quartiles its
+spread. CUDA events on a GPU (forward, backward and the sum, no host sync inside the timed
+loop), perf_counter on the CPU. On a GPU the inputs rotate through several sets whose total
+size exceeds L2 several times, so that no run finds its inputs cached by the previous one.
 
-Peak memory is what a run adds on top of its inputs:
+Peak memory is what one forward+backward adds on top of its inputs, measured after the timed
+runs (so that it cannot disturb them):
   CUDA  torch.cuda.max_memory_allocated() during one forward+backward, minus what was
-        allocated before it (the inputs);
-  CPU   the process's peak resident set (VmHWM, reset through /proc/self/clear_refs after
-        the warm-up) minus its resident set before the timed runs. High-water marks never
-        go down otherwise, so every CPU candidate runs in a fresh process (see worker.py).
+        allocated before it (the inputs). Resolution: the caching allocator's 512-byte blocks.
+  CPU   the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) minus its
+        resident set before that run. Resident memory is counted in 4 KiB pages, but an
+        allocator hands out memory the process already holds without a new page being
+        touched: glibc keeps freed blocks below its mmap threshold (128 KiB, raised up to
+        32 MiB by earlier frees) and the top of its heap. So before that run its caching is
+        turned off (mallopt: every block of 64 KiB or more mmapped and returned on free;
+        malloc_trim), which leaves a resolution of about 1 MiB (checked: three live 0.5 MiB
+        blocks read 1.3 MiB, three 0.1 MiB blocks read nothing). Where that cannot be done
+        (no glibc) the resolution is 64 MiB. High-water marks never go down otherwise, so
+        every CPU candidate runs in a fresh process (see worker.py); in-process runs
+        measure no memory.
+A peak below the resolution is reported as such, and no ratio is formed from it.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import math
 import re
 import resource
-import statistics
 import sys
 import time
 
 import torch
 
 from .. import reference
-from . import candidates
+from . import candidates, trust
 
 PROBE_ELEMS = 1 << 22  # error probe size (elements): float64 reference with autograd stays small
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Smallest peak memory (MB) that the measurement resolves (see the module docstring).
+RESOLUTION_MB = {"cuda": 512 / 2**20, "cpu": 1.0, "cpu-cached": 64.0}
 
 
 def make_inputs(N: int, V: int, dtype, device, seed: int, sets: int = 1):
@@ -98,15 +112,30 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def uncache_allocator() -> bool:
+    """Turn glibc malloc's caching off for the rest of this process: blocks of 64 KiB or more
+    are mmapped and unmapped on free, the heap is trimmed now and above 64 KiB of free top.
+    Then a peak-RSS increase counts what a run allocates, not what earlier runs left cached.
+    False where this is not glibc (the resolution is then RESOLUTION_MB["cpu-cached"])."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt, trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
+    ok = mallopt(M_MMAP_THRESHOLD, 64 << 10) == 1 and mallopt(M_TRIM_THRESHOLD, 64 << 10) == 1
+    gc.collect()
+    trim(0)
+    return ok
+
+
 # ------------------------------------------------------------------------ timing
 
-def _timed_runs(fn, sets, *, repeats: int, budget_s: float, device) -> tuple[list, list]:
-    """Forward and backward milliseconds of up to `repeats` runs (at least one), stopping
-    once `budget_s` seconds have passed; inputs rotate through `sets`."""
+def _timed_runs(fn, sets, *, runs: int, device) -> tuple[list, list]:
+    """Forward and backward milliseconds of exactly `runs` runs; inputs rotate through `sets`."""
     cuda = torch.device(device).type == "cuda"
     fwd, bwd, events = [], [], []
-    start = time.perf_counter()
-    for i in range(repeats):
+    for i in range(runs):
         s, t = sets[i % len(sets)]
         s.grad = None
         if cuda:
@@ -127,10 +156,6 @@ def _timed_runs(fn, sets, *, repeats: int, budget_s: float, device) -> tuple[lis
             bwd.append((t2 - t1) * 1e3)
         s.grad = None
         del loss
-        if cuda and i % 4 == 3:
-            torch.cuda.synchronize(device)  # only so that the budget below sees real time
-        if time.perf_counter() - start > budget_s:
-            break
     if cuda:
         torch.cuda.synchronize(device)
         fwd = [a.elapsed_time(b) for a, b, _ in events]
@@ -139,13 +164,6 @@ def _timed_runs(fn, sets, *, repeats: int, budget_s: float, device) -> tuple[lis
 
 
 def _warmup(fn, sets, warmup: int, device) -> None:
-    if warmup <= 0:
-        # No full-size warm-up: still take the one-off costs (lazy imports, first calls)
-        # on a 2-row slice, where they cost nothing. Compiled candidates always warm up fully.
-        s, t = sets[0]
-        s2 = s[:2].detach().clone().requires_grad_()
-        fn(s2, t[:2]).backward()
-        return
     for i in range(warmup):
         s, t = sets[i % len(sets)]
         s.grad = None
@@ -153,6 +171,19 @@ def _warmup(fn, sets, warmup: int, device) -> None:
         s.grad = None
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _cpu_peak_mb(fn, s, t) -> tuple[float, float]:
+    """(MB of resident memory one forward+backward adds, the resolution of that figure)."""
+    exact = uncache_allocator()
+    s.grad = None
+    gc.collect()
+    base = rss_mb()
+    if not reset_peak_rss():
+        return math.nan, math.nan  # the high-water mark would include everything before
+    fn(s, t).backward()
+    s.grad = None
+    return max(0.0, peak_rss_mb() - base), RESOLUTION_MB["cpu" if exact else "cpu-cached"]
 
 
 def _cuda_peak_mb(fn, s, t, device):
@@ -213,43 +244,54 @@ def full_size_errors(loss, grad, s, t, spec: dict) -> dict:
 def measure(spec: dict) -> dict:
     """Time, peak memory and error of candidate spec["name"] at one size, in this process.
 
-    spec: name, N, V, dtype, device, temperature, divergence, beta, seed, warmup, repeats,
-    budget_s. Returns the measured fields (times in ms, memory in MB).
+    spec: name, N, V, dtype, device, temperature, divergence, beta, seed, warmup (>= 1),
+    runs (>= 1), memory (bool: CPU peak RSS, only meaningful in a fresh process), threads
+    (optional: torch.set_num_threads for the measurement). Returns the measured fields
+    (times in ms, memory in MB; full_ms_runs: every timed forward+backward; others_share: the
+    share of the timed runs' CPU time (their threads' worth) other processes took, or None).
     """
     device = torch.device(spec["device"])
     cuda = device.type == "cuda"
     dtype = DTYPES[spec["dtype"]]
-    fn = candidates.build(spec["name"], divergence=spec["divergence"],
-                          temperature=spec["temperature"], beta=spec["beta"])
-    nsets = input_sets(spec["N"], spec["V"], dtype, device)
-    sets = make_inputs(spec["N"], spec["V"], dtype, device, spec["seed"], nsets)
-    warmup = max(spec["warmup"], 1 if spec["name"] == "compile" else 0)
-    t0 = time.perf_counter()
-    _warmup(fn, sets, warmup, device)
-    warm_s = time.perf_counter() - t0
-    out = {"input_sets": nsets, "warmup": warmup, "warmup_s": round(warm_s, 3)}
-    if not cuda:
-        gc.collect()
-        base = rss_mb()
-        exact = reset_peak_rss()
-        if not exact:  # the high-water mark may predate this point: an upper bound only
-            out["peak_note"] = "peak RSS not resettable here: includes the warm-up"
-    fwd, bwd = _timed_runs(fn, sets, repeats=spec["repeats"], budget_s=spec["budget_s"], device=device)
-    full = [a + b for a, b in zip(fwd, bwd)]
-    out.update(runs=len(full), fwd_ms=statistics.median(fwd), bwd_ms=statistics.median(bwd),
-               full_ms=statistics.median(full), full_ms_min=min(full))
-    if cuda:
-        out["peak_mb"], loss, grad = _cuda_peak_mb(fn, *sets[0], device)
-        out.update(full_size_errors(loss, grad, *sets[0], spec))
-        del loss, grad, sets
-        gc.collect()
-        torch.cuda.empty_cache()
-    else:
-        out["peak_mb"] = max(0.0, peak_rss_mb() - base)
-        del sets
-        gc.collect()
-        out.update(probe_errors(fn, spec))
-    return out
+    if spec["warmup"] < 1 or spec["runs"] < 1:
+        raise ValueError(f"warmup and runs must be >= 1, got {spec['warmup']} and {spec['runs']}")
+    threads = torch.get_num_threads()
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    try:
+        fn = candidates.build(spec["name"], divergence=spec["divergence"],
+                              temperature=spec["temperature"], beta=spec["beta"])
+        nsets = input_sets(spec["N"], spec["V"], dtype, device)
+        sets = make_inputs(spec["N"], spec["V"], dtype, device, spec["seed"], nsets)
+        t0 = time.perf_counter()
+        _warmup(fn, sets, spec["warmup"], device)
+        out = {"input_sets": nsets, "warmup": spec["warmup"], "threads": torch.get_num_threads(),
+               "warmup_s": round(time.perf_counter() - t0, 3)}
+        mon = trust.Contention(torch.get_num_threads()).start()  # over the timed runs only
+        fwd, bwd = _timed_runs(fn, sets, runs=spec["runs"], device=device)
+        out["others_share"] = mon.stop()["others_share"]
+        full = [a + b for a, b in zip(fwd, bwd)]
+        st = trust.summary(full)
+        out.update(runs=len(full), fwd_ms=trust.summary(fwd)["median"], bwd_ms=trust.summary(bwd)["median"],
+                   full_ms=st["median"], full_ms_min=st["min"], full_ms_max=st["max"],
+                   full_ms_q1=st["q1"], full_ms_q3=st["q3"], spread=st["spread"], worst=st["worst"],
+                   full_ms_runs=full)
+        if cuda:
+            out["peak_mb"], loss, grad = _cuda_peak_mb(fn, *sets[0], device)
+            out["peak_res_mb"] = RESOLUTION_MB["cuda"]
+            out.update(full_size_errors(loss, grad, *sets[0], spec))
+            del loss, grad, sets
+            gc.collect()
+            torch.cuda.empty_cache()
+        else:
+            if spec.get("memory", True):
+                out["peak_mb"], out["peak_res_mb"] = _cpu_peak_mb(fn, *sets[0])
+            del sets
+            gc.collect()
+            out.update(probe_errors(fn, spec))
+        return out
+    finally:
+        torch.set_num_threads(threads)
 
 
 def copy_bandwidth_gbps(device, nbytes: int = 1 << 30, iters: int = 20) -> float:
