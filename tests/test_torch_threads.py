@@ -109,7 +109,7 @@ def test_a_caller_waiting_at_barriers_hands_the_rest_to_the_threads(two_threads,
     first = [n for a, _, n, _ in seen if a in (0, 2)]
     assert first == [2, 2]                                    # on the caller, ops parallel inside
     rest = [(tid, n) for a, tid, n, _ in seen if a >= 4]
-    assert all(n == 1 for _, n in rest) and len({tid for tid, _ in rest}) == 2
+    assert all(n == 1 for _, n in rest) and len({tid for tid, _ in rest}) == 2, (seen, first, rest)
     assert t0 + tb.CONTENDED_FOR_S <= tb._contended_until <= time.monotonic() + tb.CONTENDED_FOR_S
     seen.clear()  # the next call goes to the threads from its first chunk
     tb.for_each_chunk(range(0, 8, 2), _record(seen), dict, torch.device("cpu"))
@@ -203,3 +203,17 @@ def test_a_forked_child_gets_its_own_threads(two_threads, monkeypatch):
     tb.for_each_chunk(range(0, 8, 2), _record(seen), dict, torch.device("cpu"))
     assert tb._pool["executor"] is not parent and tb._pool["key"] == (-12345, 1)
     assert sorted(a for a, *_ in seen) == [0, 2, 4, 6]
+
+
+def test_another_libraries_openmp_runtime_is_not_taken_for_torchs():
+    # scikit-learn ships a libgomp of its own; once loaded, it is found in /proc/self/maps too,
+    # and setting its thread count would leave ATen's alone (the chunk threads never went single)
+    pytest.importorskip("sklearn")
+    code = ("import sklearn.datasets, torch\n"
+            "from kdkernels.backends import torch_backend as tb\n"
+            "torch.set_num_threads(2)\n"
+            "assert tb._thread_can_go_single(), open('/proc/self/maps').read().count('gomp')\n")
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -269,12 +269,13 @@ _omp_set = None        # omp_set_num_threads of the OpenMP runtime ATen uses; Fa
 
 
 def _omp_setter():
-    """omp_set_num_threads of the OpenMP runtime already loaded by torch (found by path in
-    /proc/self/maps, else among the process's global symbols), or False."""
+    """omp_set_num_threads of the OpenMP runtime ATen uses, or False. Other libraries may load
+    their own runtime into the process (scikit-learn ships a libgomp of its own): each one found
+    in /proc/self/maps (torch's own first), then the process's global symbols, is tried on a
+    throwaway thread and kept only if it changes torch.get_num_threads() there."""
     global _omp_set
     with _omp_lock:
         if _omp_set is None:
-            _omp_set = False
             names = []
             try:
                 with open("/proc/self/maps") as f:
@@ -282,13 +283,32 @@ def _omp_setter():
                                     if any(k in line for k in ("libgomp", "libiomp", "libomp"))})
             except OSError:
                 pass
+            here = os.path.dirname(os.path.dirname(torch.__file__))
+            names.sort(key=lambda n: not n.startswith(os.path.join(here, "torch")))
+            _omp_set = False
             for name in names + [None]:
                 try:
-                    _omp_set = ctypes.CDLL(name).omp_set_num_threads
-                    break
+                    setter = ctypes.CDLL(name).omp_set_num_threads
                 except (OSError, AttributeError):
                     continue
+                if _moves_torch(setter):
+                    _omp_set = setter
+                    break
     return _omp_set
+
+
+def _moves_torch(setter) -> bool:
+    """Whether setter(n) on a fresh thread changes that thread's torch.get_num_threads()."""
+    out = []
+
+    def probe():
+        n = 2 if torch.get_num_threads() == 1 else 1  # (the first call initialises the setting)
+        setter(n)
+        out.append(torch.get_num_threads() == n)
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join()
+    return bool(out and out[0])
 
 
 def _ops_threads(n: int) -> bool:
