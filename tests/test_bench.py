@@ -232,7 +232,9 @@ def test_cpu_peak_resolves_known_allocations():
     assert r.returncode == 0, r.stderr
     peak, res = map(float, r.stdout.split())
     assert res == measure.RESOLUTION_MB["cpu"]
-    assert abs(peak - 12.0) <= res
+    # 12 MB live; the temporary of `torch.ones(n) * 2` can land in fresh pages too (16 MB, seen
+    # once beside other test processes). What must not happen is the cache hiding one (8 MB).
+    assert 12.0 - res <= peak <= 16.0 + res
 
 
 # ---------------------------------------------------------------- --small
