@@ -306,19 +306,19 @@ def kd_forward_shard(student, teacher, labels, *, vocab_start, all_reduce, repor
     if N == 0:  # every rank has the same rows: none of them calls a collective
         return loss.view(N), grad_s, grad_t, torch.tensor(float(vocab_start + V), dtype=torch.float64)
     make(1)()
-    # stats [N, 1, 6] = (MC, d) of s', t', s (MC: base-2 scaled maxima, at least float32's lowest):
-    # the global MC (and the vocabulary's end) ...
-    m, d = stats[:, 0, 0::2], stats[:, 0, 1::2]
+    # stats [N, 1, 8] = (MC, d) of s', t', s (MC: base-2 scaled maxima, at least float32's lowest)
+    # and the raw maxima of s, t: the global maxima (and the vocabulary's end) ...
+    m, d = stats[:, 0, [0, 2, 4, 6, 7]], stats[:, 0, [1, 3, 5]]
     m_all = torch.cat([m.reshape(-1).double(), torch.full((1,), vocab_start + V, dtype=torch.float64,
                                                           device=dev)])
     all_reduce(m_all, "max")
     v_end = m_all[-1]
-    m_all = m_all[:-1].view(N, 3).float()
-    # ... then the sums rescaled to it
-    d_all = d * torch.exp2(m - m_all)
+    m_all = m_all[:-1].view(N, 5).float()
+    # ... then the sums rescaled to them
+    d_all = d * torch.exp2(m[:, :3] - m_all[:, :3])
     all_reduce(d_all, "sum")
-    stats[:, 0, 0::2] = m_all
-    stats[:, 0, 1::2] = d_all
+    stats[:, 0, [0, 2, 4, 6, 7]] = m_all
+    stats[:, 0, [1, 3, 5]] = d_all
     if labels is not None:
         bad = (labels >= v_end) & (labels != ignore_index)
         labels = torch.where(bad, -1 if ignore_index != -1 else -2, labels)
@@ -330,9 +330,15 @@ def kd_forward_shard(student, teacher, labels, *, vocab_start, all_reduce, repor
     return loss.view(N), grad_s, grad_t, v_end
 
 
-def _need_d(name: str, teacher_grad: bool) -> bool:
-    """Whether the gradient needs the row's divergence or sums before any element is written."""
-    return teacher_grad if name in ("kl", "soft_ce") else True
+def _need_d(name: str, teacher_grad: bool, phased: bool) -> bool:
+    """Whether a D pass runs before the gradient pass: the gradient needs the row's divergence or
+    sums before any element is written (kl and soft_ce: with a teacher gradient only), or
+    soft_ce's exact log-sum must be summed over the vocabulary splits before its loss."""
+    if name == "kl":
+        return teacher_grad
+    if name == "soft_ce":
+        return teacher_grad or phased
+    return True
 
 
 def _aligned(tensors) -> bool:
@@ -359,13 +365,13 @@ def _launcher(student, teacher, labels, grad_s, grad_t, cfg, *, teacher_is_probs
         mix_launch, mix = _mixture_stats([t for t, _ in ensemble], [w for _, w in ensemble], temperature)
         pre = [mix_launch]
     name = DIVERGENCES[divergence]
-    need_d = _need_d(name, teacher_grad)
+    phased = cfg.splits > 1 or v_total is not None  # stats travel through memory between launches
+    need_d = _need_d(name, teacher_grad, phased)
     has_hard = labels is not None and hard_weight != 0
     f32 = dict(dtype=torch.float32, device=dev)
-    phased = cfg.splits > 1 or v_total is not None  # stats travel through memory between launches
     loss = _empty((N, cfg.splits), torch.float32, dev)
-    stats = _empty((N, cfg.splits, 6), **f32) if phased else loss
-    dsum = _empty((N, cfg.splits, 3), **f32) if phased and need_d else loss
+    stats = _empty((N, cfg.splits, 8), **f32) if phased else loss
+    dsum = _empty((N, cfg.splits, 5), **f32) if phased and need_d else loss
     gt = grad_t if teacher_grad else grad_s  # never written when teacher_grad is False
     inv_t = 1.0 / temperature
     cs = LOG2E * inv_t
@@ -386,7 +392,8 @@ def _launcher(student, teacher, labels, grad_s, grad_t, cfg, *, teacher_is_probs
     flags = dict(BLOCK=cfg.block, R=1 if cfg.one_block else cfg.rows, ONE_BLOCK=cfg.one_block,
                  SPLITS_P2=_next_pow2(cfg.splits), DIV=divergence, DEG=deg, TEACHER_PROBS=teacher_is_probs,
                  HAS_LABELS=labels is not None, HAS_HARD=has_hard, HARD_SEP=has_hard and temperature != 1.0,
-                 TEACHER_GRAD=teacher_grad, NEED_D=need_d, ALIGN=align, PERSISTENT=persistent,
+                 TEACHER_GRAD=teacher_grad, NEED_D=need_d, LOSS_IN_GRAD=not need_d or name == "tvd",
+                 EXACT_S=name in ("soft_ce", "tvd"), EXACT_T=name == "tvd", ALIGN=align, PERSISTENT=persistent,
                  NT=nt, num_warps=cfg.num_warps, STATIC_SPAN=cfg.span if _interpreting() else 0,
                  STATIC_ROWS=rows_per_prog if _interpreting() and persistent else 0)
     kernel = _kernels()._kd_kernel

@@ -124,6 +124,12 @@ def _lanes_step(mc, d, x, c):
 
 
 @triton.jit
+def _lanes_max(m, x):
+    """Per-lane raw maximum of an [R, C] block (for the exact log-sum of nearly one-hot rows)."""
+    return tl.maximum(m, tl.max(x, 0))
+
+
+@triton.jit
 def _lanes_final(mc, d):
     """(MC, d) of the row (or span) from its lanes: the pass's only cross-thread reductions."""
     MC = tl.max(mc, 0)
@@ -131,10 +137,10 @@ def _lanes_final(mc, d):
 
 
 @triton.jit
-def _combine(ptr, k, kmask):
-    """(MC, d) of a row from per-split pairs stored at ptr[k * 6], ptr[k * 6 + 1]."""
-    mcs = tl.load(ptr + k * 6, mask=kmask, other=LOWEST)
-    ds = tl.load(ptr + k * 6 + 1, mask=kmask, other=0.0)
+def _combine(ptr, k, kmask, STRIDE: tl.constexpr):
+    """(MC, d) of a row from per-split pairs stored at ptr[k * STRIDE], ptr[k * STRIDE + 1]."""
+    mcs = tl.load(ptr + k * STRIDE, mask=kmask, other=LOWEST)
+    ds = tl.load(ptr + k * STRIDE + 1, mask=kmask, other=0.0)
     MC = tl.max(mcs, 0)
     return MC, tl.sum(ds * tl.exp2(mcs - MC), 0)
 
@@ -176,6 +182,26 @@ def _hard(g, sm, cols, y, hard_weight, HAS_HARD: tl.constexpr):
 
 
 # ---- accurate scalar functions (per row, not per element) ---------------------------------------
+
+@triton.jit
+def _log1p(y):
+    """log(1 + y) without cancellation for small |y| (Kahan: log(w) y / (w - 1), w = 1 + y)."""
+    w = 1.0 + y
+    return tl.where(w == 1.0, y, tl.log(w) * y / (w - 1.0))
+
+
+@triton.jit
+def _exact_log2(d, D2, M, c, MC):
+    """(r0, L) with log2 d = r0 + L for a row's sum d = sum 2^(x c - MC), accurate where d is
+    close to 1 (a nearly one-hot row, where float32 d = 1 + rest has lost rest): D2 = the sum over
+    the elements below the raw maximum M, r0 = M c - MC the top's own exponent (a rounding
+    residual, kept apart: r0 + L would round L away), n = (d - D2) 2^-r0 rounded (the top's
+    multiplicity), L = log2(n) + log1p(D2 2^-r0 / n) / ln 2."""
+    r0 = _fma(M, c, -MC)
+    sc = tl.exp2(-r0)
+    n = tl.maximum(tl.floor((d - D2) * sc + 0.5), 1.0)
+    return r0, tl.log(n) * LOG2E + _log1p(D2 * sc / n) * LOG2E
+
 
 @triton.jit
 def _expm1(x):

@@ -38,12 +38,14 @@ TWO64 = tl.constexpr(18446744073709551616.0)  # mixtures are formed times 2^64: 
 
 
 @triton.jit
-def _aux(p, q, a_t, a_s, prm, DIV: tl.constexpr):
-    """(u, x1, x2): u = log p - log q (natural) and the divergence's per-element extras:
+def _aux(p, q, a_t, a_s, u2, prm, DIV: tl.constexpr):
+    """(u, x1, x2): u = log p - log q (natural, from u2 = log2 p - log2 q, which the dense kernel
+    forms as (z_t - z_s) - (log2 d_t - log2 d_s) from centred logits: a rounding of those, not of
+    the log-probabilities) and the divergence's per-element extras:
     jsd: log2(p / m), log2(q / m), m = beta p + (1 - beta) q; skew_kl: log(p / m), p / m with
     m = a p + (1 - a) q; skew_reverse_kl: log(q / m), q / m with m = a q + (1 - a) p; tvd:
     0.5 sign(q - p). One MUFU.LG2 (and one MUFU.EX2 for skew) per element, no software log."""
-    u = (a_t - a_s) * LN2
+    u = u2 * LN2
     x1 = u
     x2 = u
     # (Triton 3.9's interpreter rejects an expression holding a module constexpr as a call's
@@ -65,9 +67,8 @@ def _aux(p, q, a_t, a_s, prm, DIV: tl.constexpr):
         X = a_s - (_log2(m) - 64.0)
         x1 = X * LN2
         x2 = tl.exp2(X)
-    elif DIV == TVD:  # sign(0) = 0; a NaN stays NaN
-        dq = q - p
-        x1 = tl.where(dq > 0.0, 0.5, tl.where(dq < 0.0, -0.5, dq * 0.5))
+    elif DIV == TVD:  # 0.5 sign(q - p) = -0.5 sign(u); sign(0) = 0; a NaN stays NaN
+        x1 = tl.where(u > 0.0, -0.5, tl.where(u < 0.0, 0.5, u * -0.5))
     return u, x1, x2
 
 
@@ -125,8 +126,8 @@ def _sums(p, q, u, x1, x2, DIV: tl.constexpr):
         ga = _mul0(q, x2)
         gb = _mul0(p, x1)
     elif DIV == TVD:
-        ga = q * x1
-        gb = -(p * x1)
+        ga = _mul0(q, x1)
+        gb = -_mul0(p, x1)
     elif DIV == SKEW_KL:
         ga = _mul0(q, x2)
         gb = _mul0(p, x1)
@@ -205,7 +206,7 @@ def _grad(p, q, a_s, u, x1, x2, prm, G_s, G_t, DIV: tl.constexpr, TEACHER_GRAD: 
 def _partials(P, B, a_t, a_s, prm, kap_s, kap_t, DIV: tl.constexpr):
     """(w_s, w_t, u, x1, x2) of one bin of a top-k divergence: w = B df/dB and P df/dP, the true
     partial derivatives of its term f(P, B) (torch_math.topk_bins: r, c and kappa combined)."""
-    u, x1, x2 = _aux(P, B, a_t, a_s, prm, DIV)
+    u, x1, x2 = _aux(P, B, a_t, a_s, a_t - a_s, prm, DIV)
     # r_s, c_s, r_t, c_t of the gradient form: w_s = B r_s - c_s P + kap_s B (0 where B == 0)
     if DIV == KL:
         ws = -P + kap_s * B
@@ -223,8 +224,8 @@ def _partials(P, B, a_t, a_s, prm, kap_s, kap_t, DIV: tl.constexpr):
         ws = ((1.0 - prm) * LN2) * _mul0(B, x2) + kap_s * B
         wt = (prm * LN2) * _mul0(P, x1) + kap_t * P
     elif DIV == TVD:
-        ws = B * x1 + kap_s * B
-        wt = -(P * x1) + kap_t * P
+        ws = _mul0(B, x1) + kap_s * B
+        wt = -_mul0(P, x1) + kap_t * P
     elif DIV == SKEW_KL:
         ws = -(1.0 - prm) * _mul0(B, x2) + kap_s * B
         wt = _mul0(P, x1 - prm * x2) + kap_t * P

@@ -102,9 +102,9 @@ def _kd_topk_kernel(
             kq = tl.arange(0, SPLITS_P2)
             rs = stats_ptr + row * splits * 6
             if STATS_S:
-                MCs, d_s = _combine(rs, kq, kq < splits)
+                MCs, d_s = _combine(rs, kq, kq < splits, 6)
             if HARD_SEP:
-                MCh, d_h = _combine(rs + 4, kq, kq < splits)
+                MCh, d_h = _combine(rs + 4, kq, kq < splits, 6)
         L2s = _row_log2(d_s)
         L2h = _row_log2(d_h)
         if HARD_SEP:
