@@ -39,10 +39,10 @@ DIVERGENCE_TABLE = (
     Divergence("soft_ce", 1, None, ALL_BACKENDS, "H(p, q) = -sum p log q"),
     Divergence("reverse_kl", 2, None, ALL_BACKENDS, "KL(q||p)", finite_off_support=False),
     Divergence("jsd", 3, "beta", ALL_BACKENDS, "beta KL(p||m) + (1 - beta) KL(q||m), m = beta p + (1 - beta) q"),
-    Divergence("tvd", 4, None, ("torch",), "0.5 sum |p - q|"),
-    Divergence("skew_kl", 5, "skew", ("torch",), "KL(p || a p + (1 - a) q), a = skew"),
-    Divergence("skew_reverse_kl", 6, "skew", ("torch",), "KL(q || a q + (1 - a) p), a = skew"),
-    Divergence("symmetric_kl", 7, "beta", ("torch",), "(1 - beta) KL(p||q) + beta KL(q||p)",
+    Divergence("tvd", 4, None, ("torch", "triton"), "0.5 sum |p - q|"),
+    Divergence("skew_kl", 5, "skew", ("torch", "triton"), "KL(p || a p + (1 - a) q), a = skew"),
+    Divergence("skew_reverse_kl", 6, "skew", ("torch", "triton"), "KL(q || a q + (1 - a) p), a = skew"),
+    Divergence("symmetric_kl", 7, "beta", ("torch", "triton"), "(1 - beta) KL(p||q) + beta KL(q||p)",
                finite_off_support=False),
 )
 # Parameter values at which a divergence is another one (the kernels run that one):

@@ -20,7 +20,7 @@ __all__ = ["topk_teacher"]
 
 TOPK_MODES = ("full", "renormalized", "tail")  # the op's mode codes are their indices
 # Backends with a native top-k kernel, per mode (the divergence's own backends also apply).
-_TOPK_NATIVE = {"full": ("torch",), "renormalized": ("torch",), "tail": ("torch",)}
+_TOPK_NATIVE = {"full": ("torch", "triton"), "renormalized": ("torch", "triton"), "tail": ("torch", "triton")}
 
 
 def kd_rows(student_logits, teacher_logits, labels, teacher_probs, opts: KDOptions, ids, logprobs, weights):

@@ -135,16 +135,16 @@ def test_large_k_falls_back_and_routing():
     with pytest.raises(TypeError, match="float64 inputs run only on backend='torch'"):
         kdkernels.kd_loss(s.double(), teacher_topk_ids=ids, teacher_topk_logprobs=lp.double(),
                           backend="triton")
-    with pytest.raises(RuntimeError, match="backend='cuda' cannot run on cpu"):   # runs on CUDA tensors only
+    with pytest.raises(ValueError, match="backend='torch' or 'triton'.*not backend='cuda'"):  # no CUDA top-k modes
         kdkernels.kd_loss(s.cpu(), teacher_topk_ids=ids.cpu(), teacher_topk_logprobs=lp.cpu(), backend="cuda")
 
 
 def test_opcheck():
     s, ids, lp, y = _case(4, 23, 3, torch.float32)
     from kdkernels import ops
-    for code in (0, 3):
+    for code, mode, tau in ((0, 0, 1.0), (3, 1, 0.5), (4, 2, 2.0)):
         torch.library.opcheck(ops.kd_topk_fused, (s.requires_grad_(), ids, lp.detach().requires_grad_(), y,
-                                                  2.0, code, 0.4, 4.0, 0.5, -100, True, "triton"))
+                                                  2.0, code, 0.4, 4.0, 0.5, -100, True, mode, tau, "triton"))
 
 
 # ---------------------------------------------------------------- the vocabulary split (PHASE 1, 2)
@@ -239,3 +239,143 @@ def test_nan_propagates_within_its_row(path):
         assert loss[0].isnan() and gs[0].isnan().all() and loss[2].isnan()
         assert loss[1] == 0 and (gs[1] == 0).all() and (gt[1] == 0).all()
         assert torch.isfinite(loss[3:]).all() and torch.isfinite(gs[3:]).all() and torch.isfinite(gt[3:]).all()
+
+
+# ---------------------------------------------------------------- the three modes (issue 14.1)
+
+MODES = ("full", "renormalized", "tail")
+ALL_DIVERGENCES = [("kl", 0.5), ("soft_ce", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3), ("tvd", 0.5),
+                   ("skew_kl", 0.5), ("skew_reverse_kl", 0.5), ("symmetric_kl", 0.3)]
+FULL_OK = ("kl", "soft_ce", "jsd", "tvd", "skew_kl", "skew_reverse_kl")  # finite off the teacher's support
+
+
+def _sparse_case(N, V, k, dtype, seed, tau=1.0):
+    """Rows: 0 every entry present; 2 some absent (with duplicate ids among them and with a
+    present id); 3 every entry absent; 1, 5 ignored; logprobs produced at temperature tau."""
+    s, ids, lp, y = _case(N, V, k, dtype, seed=seed)
+    lp = (lp.float() / tau).to(dtype)
+    ids, lp = ids.clone(), lp.clone()
+    if k > 2:
+        lp[2, k // 2:] = -float("inf")
+        ids[2, k // 2:] = ids[2, 0]  # absent entries: any id, duplicates too
+    lp[3] = -float("inf")
+    return s, ids, lp, y
+
+
+def _check_mode(mode, divergence, beta, path, dtype, atol, rtol, k=7, V=101, N=6, tau=1.0, T=2.0, hard=0.5,
+                seed=0):
+    s, ids, lp, y = _sparse_case(N, V, k, dtype, seed, tau)
+    kw = dict(temperature=T, divergence=divergence, beta=beta, skew=beta, hard_weight=hard, reduction="none",
+              teacher_topk_mode=mode, teacher_topk_temperature=T if mode == "tail" else tau)
+    out, gs, gl = _run("triton", s, ids, lp, y, path, **kw)
+    assert out.dtype == torch.float32 and gs.dtype == dtype and gl.dtype == dtype
+    sr, lr = s.detach().cpu().requires_grad_(), lp.detach().cpu().requires_grad_()
+    ref = reference.kd_loss_topk(sr, ids.cpu(), lr, y.cpu(), **kw)
+    gsr, glr = torch.autograd.grad((ref * 3.0).sum(), (sr, lr))
+    _close(out, ref, atol, rtol, f"{mode} {divergence} loss vs reference")
+    _close(gs, gsr, atol, rtol, f"{mode} {divergence} grad student vs reference")
+    _close(gl, glr, atol, rtol, f"{mode} {divergence} grad logprobs vs reference")
+    assert (gl[3] == 0).all() and (k <= 2 or (gl[2, k // 2:] == 0).all())  # absent entries: no gradient
+    return out, gs, gl
+
+
+@pytest.mark.parametrize("mode,divergence,beta", [(m, d, b) for m in MODES for d, b in ALL_DIVERGENCES
+                                                  if m != "full" or d in FULL_OK])
+def test_modes_every_divergence(mode, divergence, beta):
+    """Every mode x divergence the mode allows against kdkernels.reference.kd_loss_topk, with
+    absent entries (some, all of a row), ignored rows, a hard term, a teacher temperature and
+    grad_output != 1. Path, dtype and temperature rotate over the cases."""
+    i = MODES.index(mode) * 8 + [d for d, _ in ALL_DIVERGENCES].index(divergence)
+    path = list(PATHS)[i % 3]
+    dtype, atol, rtol = DTYPES[(i // 3) % 2]
+    _check_mode(mode, divergence, beta, path, dtype, atol, rtol, tau=(1.0, 0.5, 2.0)[i % 3],
+                T=(2.0, 1.0, 0.7)[(i // 2) % 3], hard=0.5 if i % 4 else 0.0, seed=i)
+
+
+def test_full_mode_rejects_infinite_divergences():
+    s, ids, lp, y = _case(3, 40, 5, torch.float32)
+    for div in ("reverse_kl", "symmetric_kl"):
+        with pytest.raises(ValueError, match="infinite for a top-k teacher"):
+            kdkernels.kd_loss(s, None, y, teacher_topk_ids=ids, teacher_topk_logprobs=lp, divergence=div,
+                              backend="triton")
+
+
+@pytest.mark.parametrize("k", [1, 64, 101])
+@pytest.mark.parametrize("mode", MODES)
+def test_modes_k_extremes(mode, k):
+    """k = 1, 64 and V (every column an id: no rest of the vocabulary), on the split path (k = V:
+    every column rewritten by the program owning it)."""
+    div, beta = {"full": ("jsd", 0.3), "renormalized": ("reverse_kl", 0.5), "tail": ("kl", 0.5)}[mode]
+    _check_mode(mode, div, beta, "split" if k != 64 else "blocks", torch.float32, 2e-5, 2e-4, k=k, seed=k)
+
+
+def test_renormalized_reads_only_the_ids():
+    """Renormalized mode without a hard term reads the student only at its present ids: NaN
+    everywhere else leaves the loss and the gradient at the ids finite, and the gradient is 0
+    off the ids (the kernel writes it without reading)."""
+    s, ids, lp, y = _sparse_case(6, 101, 7, torch.float32, seed=11)
+    keep = torch.zeros_like(s, dtype=torch.bool).scatter_reduce_(-1, ids, lp != -float("inf"), reduce="amax")
+    poisoned = torch.where(keep, s, float("nan"))
+    for path in PATHS:
+        kw = dict(temperature=1.5, divergence="jsd", beta=0.4, reduction="none", teacher_topk_mode="renormalized")
+        out, gs, gl = _run("triton", poisoned, ids, lp, y, path, **kw)
+        ref_out, ref_gs, ref_gl = _run("triton", s, ids, lp, y, path, **kw)
+        assert torch.isfinite(out).all() and torch.isfinite(gs).all() and torch.isfinite(gl).all()
+        _close(out, ref_out, 0, 0, f"{path}: loss with the row outside the ids poisoned")
+        _close(gs, ref_gs, 0, 0, f"{path}: grad")
+        assert (gs[~keep] == 0).all()
+    with TB.tuning(**PATHS["split"]):  # and it is a single launch, with no vocabulary statistics
+        launches = TB.topk_launches(s, ids, lp, None, torch.empty(6), torch.empty_like(s), torch.empty(6),
+                                    temperature=1.0, divergence=0, beta=0.5, soft_scale=1.0, hard_weight=0.0,
+                                    ignore_index=-100, teacher_grad=False, mode=1)
+    assert [L.meta["PHASE"] for L in launches] == [2]
+
+
+def test_tail_clamps_as_trl():
+    """Tail mode with the student's tail clamped (k = V: the ids hold all of its mass) or not, and
+    the teacher's given mass clearly above 1 (its tail clamped at TAIL_MIN) or below. (A mass
+    within float32 rounding of 1 - 1e-7 is a knife edge no two float32 sums agree on.)"""
+    g = torch.Generator().manual_seed(12)
+    s = torch.randn(4, 11, generator=g) * 2
+    t = torch.randn(4, 11, generator=g) * 3
+    y = torch.tensor([1, -100, 3, 10])
+    for k in (11, 5):
+        ids, lp = kdkernels.topk_teacher(t, k)
+        lp = lp - torch.logsumexp(lp, -1, keepdim=True)
+        for shift in (1e-3, -1e-3):  # teacher mass e^shift: clamped, or a tail of about 1e-3
+            for div in ("kl", "jsd", "tvd", "skew_reverse_kl"):
+                kw = dict(temperature=1.0, divergence=div, beta=0.3, skew=0.3, reduction="none",
+                          teacher_topk_mode="tail", hard_weight=0.2)
+                out, gs, gl = _run("triton", s, ids.to(DEVICE), (lp + shift).to(DEVICE), y.to(DEVICE), "blocks", **kw)
+                sr, lr = s.clone().requires_grad_(), (lp + shift).requires_grad_()
+                ref = reference.kd_loss_topk(sr, ids, lr, y, **kw)
+                gsr, glr = torch.autograd.grad((ref * 3.0).sum(), (sr, lr))
+                assert torch.isfinite(out).all()
+                what = f"k={k} shift={shift} {div}"
+                _close(out, ref, 2e-5, 2e-4, f"{what} loss")
+                _close(gs, gsr, 2e-5, 2e-4, f"{what} grad student")
+                _close(gl, glr, 2e-5, 2e-4, f"{what} grad logprobs")
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_modes_nan_propagates_within_its_row(path):
+    """NaN in a student logit or a present logprob makes that row NaN in every mode; a NaN at an
+    absent entry's id is never read (renormalized: nor anywhere off the ids)."""
+    from kdkernels.backends import torch_backend
+    s, ids, lp, y = _sparse_case(6, 101, 7, torch.float32, seed=13)
+    s, lp = s.detach().clone(), lp.clone()
+    y = torch.tensor([5, -100, 7, 9, 11, 13]).to(DEVICE)
+    s[0, ids[0, 3]] = float("nan")     # at an id
+    lp[4, 2] = float("nan")            # a present logprob
+    s[2, ids[2, -1]] = s[2, ids[2, -1]]  # (absent entries of row 2 point at a present id: no NaN planted)
+    for mode in (0, 1, 2):
+        for code in (0, 3, 4):
+            kw = dict(temperature=1.0, divergence=code, beta=0.4, soft_scale=1.0, hard_weight=0.0,
+                      ignore_index=-100, teacher_grad=True, mode=mode, teacher_temperature=1.0)
+            with TB.tuning(poison=True, **PATHS[path]):
+                loss, gs, gt = TB.kd_topk_forward(s, ids, lp, y, **kw)
+            ref = torch_backend.kd_topk_forward(s.cpu(), ids.cpu(), lp.cpu(), y.cpu(), **kw)
+            for a, b, what in zip((loss, gs, gt), ref, ("loss", "grad_s", "grad_t")):
+                _close(a, b, 2e-5, 2e-4, f"mode={mode} code={code} {what}")
+            assert loss[0].isnan() and loss[4].isnan() and loss[1] == 0
+            assert torch.isfinite(loss[[2, 3, 5]]).all() and torch.isfinite(gs[[2, 3, 5]]).all()

@@ -97,7 +97,7 @@ def _topk(c: Case):
     kw = _kd_common(c)
     del kw["teacher_is_probs"]
     return TB.topk_launches(s, ids, lp, y, loss, torch.empty_like(s), _meta(c.N, k, dtype=c.dtype) if tg else loss,
-                            teacher_grad=tg, **kw)
+                            teacher_grad=tg, mode=c.params.get("mode", 0), **kw)
 
 
 def _softmax(c: Case):
