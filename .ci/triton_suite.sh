@@ -32,4 +32,4 @@ import sys, triton, torch, kdkernels
 assert triton.__version__ == sys.argv[1], (triton.__version__, triton.__file__)
 print(f"== triton {triton.__version__} ({triton.__file__}), torch {torch.__version__}, kdkernels from {kdkernels.__file__}")
 PY
-exec "$venv/bin/python" -m pytest -q -p no:cacheprovider "${files[@]}" "$@"
+exec "$venv/bin/python" -m pytest -q -p no:cacheprovider -n auto "${files[@]}" "$@"
