@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .ops import begin_backward, scale_grad, scale_in_place
+from .ops import linear_backward
 
 
 @torch.library.custom_op("kdkernels::lm_head_kd", mutates_args=())
@@ -84,16 +84,7 @@ _N_INPUTS = 24
 
 
 def _backward(ctx, grad_total, _ge, _gh, _gw, _gb):
-    if grad_total is None:
-        return (None,) * _N_INPUTS
-    begin_backward(ctx)
-    grad_h, grad_w, grad_b = ctx.saved_tensors
-    inplace = scale_in_place(ctx, grad_h)
-    need = ctx.needs_input_grad
-    gh = scale_grad(grad_h, grad_total, inplace) if need[0] else None
-    gw = scale_grad(grad_w, grad_total, inplace) if need[1] else None
-    gb = scale_grad(grad_b, grad_total, inplace) if need[2] else None
-    return (gh, gw, gb) + (None,) * (_N_INPUTS - 3)
+    return linear_backward(ctx, grad_total, _N_INPUTS)
 
 
 torch.library.register_autograd("kdkernels::lm_head_kd", _backward, setup_context=_setup_context)

@@ -366,17 +366,21 @@ def _fl_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zeros of the gradient outputs' (weight-sized) unused grads
 
 
-def _fl_backward(ctx, grad_total, _gh, _gw, _gb):
+def linear_backward(ctx, grad_total, n_inputs: int) -> tuple:
+    """Backward of the fused lm_head ops (fused_linear_kd, lm_head_kd): their first three inputs
+    (hidden states, weight, bias) get the saved gradients scaled by grad_total, the rest None."""
     if grad_total is None:
-        return (None,) * 16
+        return (None,) * n_inputs
     begin_backward(ctx)
-    grad_h, grad_w, grad_b = ctx.saved_tensors
-    inplace = scale_in_place(ctx, grad_h)
-    need = ctx.needs_input_grad
-    gh = scale_grad(grad_h, grad_total, inplace) if need[0] else None
-    gw = scale_grad(grad_w, grad_total, inplace) if need[1] else None
-    gb = scale_grad(grad_b, grad_total, inplace) if need[2] else None
-    return (gh, gw, gb) + (None,) * 13
+    saved = ctx.saved_tensors
+    inplace = scale_in_place(ctx, saved[0])
+    grads = tuple(scale_grad(g, grad_total, inplace) if need else None
+                  for g, need in zip(saved, ctx.needs_input_grad[:3]))
+    return grads + (None,) * (n_inputs - 3)
+
+
+def _fl_backward(ctx, grad_total, _gh, _gw, _gb):
+    return linear_backward(ctx, grad_total, 16)
 
 
 torch.library.register_autograd("kdkernels::fused_linear_kd", _fl_backward, setup_context=_fl_setup_context)
