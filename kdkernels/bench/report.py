@@ -66,7 +66,10 @@ def markdown(meta: dict, rows: list[dict], columns=COLUMNS) -> str:
     if meta.get("copy_gbps"):
         out.append(f"- device-to-device copy bandwidth: {meta['copy_gbps']:.0f} GB/s (same run); "
                    "effective bandwidth = N*V*(2*input bytes + grad bytes) / time")
-    out.append(f"- errors: max abs vs float64 reference on up to {meta['probe_elems']} elements")
+    if meta.get("probe_elems"):
+        out.append(f"- errors: max abs vs float64 reference on up to {meta['probe_elems']} elements")
+    else:
+        out.append("- errors: not measured")
     if meta.get("load"):
         out.append(f"- machine load: {meta['load']}")
     for w in meta.get("warnings", []):
