@@ -253,7 +253,8 @@ def terms(code: int, param: float, p, lq, q, u, normalized: bool = True, plain_s
             D = 0.5 * torch.where(q == 0, p, q * torch.expm1(u)).abs().sum(-1, keepdim=True)
         # sign(q - p) from the log-ratio, which resolves near-equal p and q far better than the
         # difference of two separately rounded probabilities (u = -inf where p = 0 < q, +inf where q = 0)
-        r_s = torch.sign(u).mul_(-0.5)
+        # (torch.sign(NaN) is 0: the where keeps a NaN of the row in its gradients)
+        r_s = torch.where(u.isnan(), u, torch.sign(u)).mul_(-0.5)
         r_t = r_s.neg()
     elif code in (SKEW_KL, SKEW_REVERSE_KL):
         a = param
