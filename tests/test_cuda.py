@@ -60,6 +60,14 @@ def test_topk_is_not_a_cuda_feature_and_says_so():
         kdkernels.kd_loss(s, teacher_topk_ids=ids, teacher_topk_logprobs=lp, backend="cuda")
 
 
+@pytest.mark.parametrize("divergence", ["tvd", "skew_kl", "skew_reverse_kl", "symmetric_kl"])
+def test_new_divergences_are_not_cuda_features_and_say_so(divergence):
+    s, t, _ = make_inputs((4, 11), torch.float32)
+    with pytest.raises(ValueError, match=rf"divergence='{divergence}' runs on backend='torch' or 'triton'"
+                                         r".*not backend='cuda'.*no new features"):
+        kdkernels.kd_loss(s, t, divergence=divergence, backend="cuda")
+
+
 def test_auto_never_picks_cuda_on_cpu():
     s, t, _ = make_inputs((2, 7), torch.float32)
     assert torch.isfinite(kdkernels.kd_loss(s, t)).all()
