@@ -11,9 +11,10 @@ Launch plan (docs/triton.md has the cost model):
   three when the gradient needs the row's divergence first (NEED_D). Rows whose two
   tensors fit L2_ROW_BYTES run on a persistent grid of L2_BUDGET / row bytes programs
   (schedule "l2", the default), so that the second pass re-reads the row from L2;
-  schedule "rows" keeps one program per row (the GPU run's tune stage decides).
+  schedule "rows" keeps one program per row (selectable through the tuning table's
+  "schedule" key; the GPU run's tune stage times BLOCK and num_warps, not yet the schedule).
 * Few rows and a large vocabulary: the vocabulary is split across programs. Pass 1
-  writes per-(row, split) (max, sum) statistics to an [N, splits, 6] float32 buffer;
+  writes per-(row, split) statistics to an [N, splits, 8] float32 buffer;
   every pass-2 program combines its row's statistics itself (no separate combine
   launch, no atomics), writes its gradient span and a loss partial; the partials
   ([N, splits]) are summed in a fixed order. Deterministic.
@@ -210,8 +211,8 @@ MAX_ENSEMBLE = 4
 def kd_ensemble_forward(student, teachers, weights, labels, *, temperature, divergence, beta,
                         soft_scale, hard_weight, ignore_index):
     """(loss [N] float32, grad_s [N, V]) against p = sum_k w_k softmax(t_k / T) (the contract of
-    kdkernels.ops.kd_ensemble_fused). A pre-pass writes each row's log w_k - lse(t_k / T)
-    ([N, K] float32); the fused kernel then forms log p block by block from the teachers'
+    kdkernels.ops.kd_ensemble_fused). A pre-pass writes each row's per-teacher statistics
+    ([N, K, 2] float32); the fused kernel then forms log p block by block from the teachers'
     logits, so no (N, V) mixture exists. Teachers with weight 0 are never read."""
     live = [(t, w) for t, w in zip(teachers, weights) if w > 0]
     kw = dict(temperature=temperature, divergence=divergence, beta=beta, soft_scale=soft_scale,

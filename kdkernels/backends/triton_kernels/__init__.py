@@ -6,6 +6,7 @@
     ensemble.py    an ensemble's per-teacher statistics and the on-the-fly mixture
     topk.py        the sparse (top-k) teacher kernel, modes full / renormalized / tail
     softmax.py     tempered (log-)softmax forward and backward
+    steps.py       the streaming passes' block steps (aligned loop, masked remainder, per-pass updates)
 
 Imported only by triton_backend when Triton is installed (and, on the CPU, after
 TRITON_INTERPRET=1 is set). Launch logic, block sizes and the memory contract live in
