@@ -173,7 +173,8 @@ def _chunks(N, V):
 def _forward(s, t, y, start, group, T, code, beta, soft_scale, hard_weight, ignore_index, teacher_grad):
     """The torch path: kdkernels.backends.torch_math on each shard, with the row statistics and the
     divergence's partial sums all-reduced. Every rank uses the cancellation-free forms of the
-    divergence (their terms, unlike the plain sums', add up across shards to the same total)."""
+    divergence (their terms, unlike the plain sums', add up across shards to the same total; tvd's
+    weighted mean is formed from its additive parts, torch_math.tvd_parts, after the all_reduce)."""
     N, V = s.shape
     acc = torch.float64 if torch.float64 in (s.dtype, t.dtype) else torch.float32
     dev = s.device
@@ -216,16 +217,20 @@ def _forward(s, t, y, start, group, T, code, beta, soft_scale, hard_weight, igno
         return lp.exp(), lq, lq.exp(), lp - lq
 
     # 3. partial divergence (cancellation-free terms) and gradient sums G_s, G_t
-    part = torch.zeros(N, 3, dtype=acc, device=dev)
+    tvd = code == M.TVD
+    part = torch.zeros(N, 7 if tvd else 3, dtype=acc, device=dev)
     for a, b in _chunks(N, V):
         p, lq, q, u = stats(a, b)
         _, (_, r_s), (_, r_t) = M.terms(code, beta, p, lq, q, u)
-        part[a:b, :1] = M.accurate_divergence(code, beta, p, lq, q, u)
+        if tvd:
+            part[a:b, 3:] = M.tvd_parts(p, q, u)
+        else:
+            part[a:b, :1] = M.accurate_divergence(code, beta, p, lq, q, u)
         part[a:b, 1:2] = M.row_sum(q, r_s)
         if teacher_grad:
             part[a:b, 2:3] = M.row_sum(p, r_t)
     dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
-    D = part[:, :1]
+    D = M.tvd_combine(part[:, 3:]) if tvd else part[:, :1]
     # 4. gradients with the global statistics
     g_scale = soft_scale * inv_t
     grad_s = torch.empty(s.shape, dtype=s.dtype, device=dev)

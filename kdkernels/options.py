@@ -215,7 +215,8 @@ def _check_options(*, temperature=1.0, divergence="kl", beta=0.5, skew=0.1, soft
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     skew = _number("skew", skew)
     if not 0.0 <= skew < 1.0:
-        raise ValueError(f"skew must be in [0, 1), got {skew} (skew = 1 makes the mixture the distribution itself)")
+        hint = " (skew = 1 makes the mixture the distribution itself)" if skew >= 1 else ""
+        raise ValueError(f"skew must be in [0, 1), got {skew}{hint}")
     T = _number("temperature", temperature, positive=True)
     if not _T_RANGE[0] <= T <= _T_RANGE[1]:
         raise ValueError(f"temperature must be in [{_T_RANGE[0]:.3g}, {_T_RANGE[1]:.3g}] (1 / T and the T**2 "

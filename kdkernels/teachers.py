@@ -15,6 +15,7 @@ from torch import Tensor
 from . import ops
 from .backends import DIVERGENCES, resolve
 from .options import KDOptions, check_labels, check_normalizer_device, float_tensor, rows
+from .options import divergence as divergence_info
 
 __all__ = ["topk_teacher"]
 
@@ -109,7 +110,9 @@ def _check_ensemble(teacher_logits, weights, s):
 def _check_topk(ids, logprobs, s, opts: KDOptions):
     mode = opts.teacher_topk_mode
     if mode == "full" and not opts.kernel_divergence_info.finite_off_support:
-        raise ValueError(f"{opts.divergence_feature} (with beta={opts.beta}) is infinite for a top-k teacher in "
+        field = divergence_info(opts.divergence).param
+        with_param = f" (with {field}={opts.param})" if field else ""
+        raise ValueError(f"{opts.divergence_feature}{with_param} is infinite for a top-k teacher in "
                          f"teacher_topk_mode='full' (the teacher has no mass outside its k ids, where the student "
                          f"has some): use teacher_topk_mode='renormalized' or 'tail', or another divergence")
     if mode == "tail" and opts.teacher_topk_temperature != opts.temperature:

@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 import kdkernels
 from kdkernels import reference
 from kdkernels.distributed import vocab_parallel_kd_loss
+from kdkernels.options import divergence as divergence_info
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -34,6 +35,8 @@ def _cases():
     for divergence in ("kl", "soft_ce", "reverse_kl", "jsd"):
         yield dict(divergence=divergence, temperature=2.0, hard_weight=0.5, beta=0.3), torch.float32, "mean"
         yield dict(divergence=divergence, temperature=1.0), torch.float32, "none"
+    for divergence in ("tvd", "skew_kl", "skew_reverse_kl", "symmetric_kl"):
+        yield dict(divergence=divergence, temperature=2.0, hard_weight=0.5, beta=0.3, skew=0.2), torch.float32, "mean"
     yield dict(divergence="jsd", beta=0.0, temperature=1.5, soft_weight=0.7), torch.float32, "sum"
     yield dict(divergence="kl", hard_weight=1.0, normalizer=5.0), torch.bfloat16, "sum"
     yield dict(divergence="reverse_kl", temperature=3.0, t_squared=False), torch.float64, "mean"
@@ -68,7 +71,7 @@ def _check(rank, world, kw, dtype, reduction, ignored="some", teacher_grad=False
     t_full = t.clone().requires_grad_(teacher_grad)
     s_sh = s[:, lo:hi].clone().requires_grad_()
     t_sh = t[:, lo:hi].clone().requires_grad_(teacher_grad)
-    if "divergence" in kw and kw["divergence"] == "reverse_kl":
+    if "divergence" in kw and not divergence_info(kw["divergence"]).finite_off_support:
         t_full = t_full.detach().clamp(min=-30).requires_grad_(teacher_grad)   # keep KL(q||p) finite
         t_sh = t_full.detach()[:, lo:hi].clone().requires_grad_(teacher_grad)
     if backend == "triton":

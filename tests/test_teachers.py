@@ -235,9 +235,11 @@ def test_symmetric_kl_is_torchtunes_up_to_the_teachers_entropy():
 def test_errors():
     s, ids, lp, y = _inputs(4, 20, 4, torch.float32, seed=8)
     kd = kdkernels.kd_loss
-    for div, beta in (("reverse_kl", 0.5), ("symmetric_kl", 0.5), ("jsd", 1.0)):
-        with pytest.raises(ValueError, match="infinite for a top-k teacher in teacher_topk_mode='full'"):
-            kd(s, teacher_topk_ids=ids, teacher_topk_logprobs=lp, divergence=div, beta=beta)
+    for div, kw, named in (("reverse_kl", {}, "'reverse_kl' is"), ("symmetric_kl", dict(beta=0.5), "beta=0.5"),
+                           ("jsd", dict(beta=1.0), "beta=1.0"), ("skew_reverse_kl", dict(skew=0.0), "skew=0.0")):
+        # the message names the divergence's own parameter, if it has one
+        with pytest.raises(ValueError, match=f"{named}.*infinite for a top-k teacher in teacher_topk_mode='full'"):
+            kd(s, teacher_topk_ids=ids, teacher_topk_logprobs=lp, divergence=div, **kw)
     with pytest.raises(ValueError, match="teacher_topk_temperature=1.0 != temperature=2.0"):
         kd(s, teacher_topk_ids=ids, teacher_topk_logprobs=lp, temperature=2.0, teacher_topk_mode="tail")
     with pytest.raises(ValueError, match="teacher_topk_mode must be one of"):

@@ -173,6 +173,27 @@ def log_w_over_mix(u, a: float) -> torch.Tensor:
     return torch.where(u > -1.0, near, far)
 
 
+def tvd_parts(p, q, u):
+    """[rows, 4] sums of a row (or of a shard of it: they add up across shards) from which
+    tvd_combine forms 0.5 sum |p - q|. With p - q = q expm1(u): a = sum_{p>q} (p - q),
+    b = sum_{p<q} (q - p), the teacher mass sum p sign(p - q) and sum p."""
+    diff = q * torch.expm1(u)
+    if not _cpu_min_above(q, 0.0):
+        diff = torch.where(q == 0, p, diff)
+    return torch.cat([diff.clamp(min=0).sum(-1, keepdim=True), (-diff).clamp(min=0).sum(-1, keepdim=True),
+                      (p * torch.sign(diff)).sum(-1, keepdim=True), p.sum(-1, keepdim=True)], -1)
+
+
+def tvd_combine(parts):
+    """0.5 sum |p - q| from tvd_parts. a = b in exact arithmetic; a per-row error d in u (the
+    log-sum-exps' rounding, ~1e-6) moves them by +d w_a and -d w_b (w: the teacher mass on each
+    side), so their w-weighted mean is exact to first order; the plain 0.5 (a + b) is not."""
+    a, b, side, total = parts.unbind(-1)
+    w_a, w_b = 0.5 * (total + side), 0.5 * (total - side)
+    mean = (a * w_b + b * w_a) / (w_a + w_b)
+    return torch.where(w_a * w_b > 0, mean, 0.5 * (a + b)).unsqueeze(-1)
+
+
 def accurate_divergence(code: int, param: float, p, lq, q, u) -> torch.Tensor:
     """D [rows, 1] in the cancellation-free form of the module docstring."""
     if code == KL:
@@ -191,20 +212,7 @@ def accurate_divergence(code: int, param: float, p, lq, q, u) -> torch.Tensor:
     if code == SKEW_REVERSE_KL:
         return _kl_phi(q, log_w_over_mix(-u, param), param * q + (1 - param) * p)
     if code == TVD:
-        # 0.5 sum |p - q| = sum_{p>q} (p - q) = sum_{p<q} (q - p), with p - q = q expm1(u). A
-        # per-row error d in u (the log-sum-exps' rounding, ~1e-6) moves the two one-sided sums by
-        # +d w_a and -d w_b (w: the teacher mass on each side), so their w-weighted mean is exact
-        # to first order; the plain 0.5 sum |p - q| is not.
-        diff = q * torch.expm1(u)
-        if not _cpu_min_above(q, 0.0):
-            diff = torch.where(q == 0, p, diff)
-        a = diff.clamp(min=0).sum(-1, keepdim=True)
-        b = (-diff).clamp(min=0).sum(-1, keepdim=True)
-        side = (p * torch.sign(diff)).sum(-1, keepdim=True)  # w_a - w_b (entries with p == q count to neither)
-        total = p.sum(-1, keepdim=True)
-        w_a, w_b = 0.5 * (total + side), 0.5 * (total - side)
-        mean = (a * w_b + b * w_a) / (w_a + w_b)
-        return torch.where(w_a * w_b > 0, mean, 0.5 * (a + b))
+        return tvd_combine(tvd_parts(p, q, u))
     if code == SOFT_CE:
         return -sum_mul0(p, lq)
     raise ValueError(f"unknown divergence code {code}")
