@@ -61,6 +61,7 @@ if [ "$MODE" = cpu ]; then
   SCALE=tiny
   BROAD=(tests/test_tuning_table.py)
   BENCH=(-m kdkernels bench --device cpu --N 8 --V 1000 --runs 2 --inprocess --peers eager)
+  SMALL=(-m kdkernels bench --small --device cpu --N 64 --V 10 --runs 3 --warmup 1 --threads 1)
   TUNE=(--repeats 2)
   FUSED=(bench/fused_linear_memory.py --device cpu --n 64 --hidden 32 --vocab 300 --repeats 1)
   TRL_ARGS="--device cpu --n 64 --hidden 32 --vocab 300 --points 2 --inprocess"
@@ -72,6 +73,8 @@ else
   BROAD=(tests/test_cuda.py tests/test_triton.py tests/test_topk_triton.py tests/test_nan.py tests/test_compile.py
          tests/test_fused_linear.py tests/test_tuning_table.py "tests/test_distributed.py::test_triton_shard_one_rank_labels")
   BENCH=(-m kdkernels bench --device cuda --runs 5 --warmup 2)  # every candidate the same 5 runs (no time budget)
+  # classification sizes: time and GPU launches per fwd+bwd against eager (issue 16; after the headline bench)
+  SMALL=(-m kdkernels bench --small --device cuda --backends triton --threads 1 --runs 20 --warmup 3)
   FUSED=(bench/fused_linear_memory.py --device cuda --n 8192 --hidden 4096 --vocab 128256 --dtype bfloat16)
   TRL_ARGS="--device cuda --n 8192 --hidden 4096 --vocab 128256 --dtype bfloat16 --inprocess --repeats 2"
   IGNORED_ARGS="--device cuda --n 8192 --hidden 4096 --vocab 128256 --dtype bfloat16 --rounds 1 --repeats 3"
@@ -231,7 +234,16 @@ echo "build: $(( $(date +%s) - BUILD_T0 )) s from its start"
 
 [ "$MODE" = cpu ] && export TRITON_INTERPRET=1
 pytest_stage smoke tests/test_gpu_run.py -k smoke
-stage bench 05-bench.log "$PY" "${BENCH[@]}" --out "$STAGES" --name 05-bench
+bench_stage() {  # the headline bench, then the classification sizes (their own files: a limit hit there loses no headline)
+  local rc=0
+  # shellcheck disable=SC2086  # the argument strings are word lists
+  "$PY" $BENCH_ARGS --out "$STAGES" --name 05-bench || rc=$?
+  # shellcheck disable=SC2086
+  "$PY" $SMALL_ARGS --out "$STAGES" --name 05-small || rc=$?
+  return $rc
+}
+export -f bench_stage; export BENCH_ARGS="${BENCH[*]}" SMALL_ARGS="${SMALL[*]}"
+stage bench 05-bench.log bash -c bench_stage
 stage fused_linear 06-fused-linear.log "$PY" "${FUSED[@]}" --json "$STAGES/06-fused-linear.json"
 trl_stage() {  # the TRL comparison first (it prints a line per grid point as it goes), then ignored positions
   local rc=0

@@ -87,7 +87,8 @@ def bench_cases(sc: str) -> list:
     benchmark's (the unfused kd_loss, its 8-row warm-up, and the fused chunks, whose logits are
     float32: the fused path never rounds logits to half precision) and stage "trl"'s
     (bench/trl_divergence.py: jsd at beta 0 / 0.5 / 1, which run as kl / jsd / reverse_kl, no
-    labels; bench/fused_linear_ignored.py: kl with labels), all on 512-row float32 chunks."""
+    labels; bench/fused_linear_ignored.py: kl with labels), all on 512-row float32 chunks, and
+    kdkernels bench --small's classification sizes."""
     if sc == "tiny":
         return [_tiny(kd_case("kl", 1000, N=8, labels=False))]
     out = [kd_case("kl", V, N=N, labels=False) for N, V in BENCH_SIZES]
@@ -99,6 +100,9 @@ def bench_cases(sc: str) -> list:
     out += [kd_case("kl", fl["V"], N=r, hard_weight=0.5, **f32) for r in sorted({rows, FUSED_LINEAR_VALID % rows} - {0})]
     out += [kd_case(d, fl["V"], N=rows, labels=False, **f32) for d in ("kl", "jsd", "reverse_kl")]
     out += [kd_case("kl", fl["V"], N=rows, **f32)]
+    # the stage's second command, kdkernels bench --small (kdkernels.bench.small: kl, T = 4, hard 0.5, fp32)
+    from .small import HARD, SIZES, TEMPERATURE
+    out += [kd_case("kl", V, N=N, hard_weight=HARD, temperature=TEMPERATURE, **f32) for N, V in SIZES]
     return out
 
 

@@ -37,10 +37,12 @@ COLUMNS = (
     ("kd_us", "kd us", ".0f"), ("kd_min_us", "min", ".0f"), ("kd_max_us", "max", ".0f"),
     ("ratio", "kd/eager", ".2f"), ("meets", f"<= {GOAL:g}", "s"),
     ("kd_loss_err", "kd loss err", ".1e"), ("kd_grad_err", "kd grad err", ".1e"),
+    ("eager_launches", "eager launches", "d"), ("kd_launches", "kd launches", "d"),
 )
 CSV_FIELDS = ("device", "N", "V", "threads", "runs", "warmup", "eager_us", "eager_min_us", "eager_max_us",
               "eager_q1_us", "eager_q3_us", "kd_us", "kd_min_us", "kd_max_us", "kd_q1_us", "kd_q3_us",
-              "ratio", "meets", "eager_loss_err", "eager_grad_err", "kd_loss_err", "kd_grad_err")
+              "ratio", "meets", "eager_loss_err", "eager_grad_err", "kd_loss_err", "kd_grad_err",
+              "eager_launches", "kd_launches")
 
 
 def eager(T=TEMPERATURE, soft=SOFT, hard=HARD):
@@ -82,6 +84,18 @@ def _errors(fn, s, t, y) -> tuple[float, float]:
     return err
 
 
+def launches(fn, s, t, y) -> int:
+    """GPU activities (kernel launches, memsets, copies) of one forward+backward, counted by the
+    profiler (issue 16's aim on a GPU: 2 for kd_loss, the fused kernel and the backward's scale)."""
+    from torch.profiler import ProfilerActivity, profile
+    s.grad = None
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(s, t, y).backward()
+        torch.cuda.synchronize(s.device)
+    s.grad = None
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
 def _call_us(fn, s, t, y, sync) -> float:
     s.grad = None
     t0 = time.perf_counter()
@@ -104,6 +118,8 @@ def measure_pair(N, V, threads, *, runs, warmup, device, seed=0, backend="torch"
             row[f"{name}_loss_err"], row[f"{name}_grad_err"] = _errors(fn, s, t, y)
             for _ in range(warmup):
                 _call_us(fn, s, t, y, sync)
+            if device.type == "cuda":
+                row[f"{name}_launches"] = launches(fn, s, t, y)
         times = {name: [] for name in fns}
         order = list(fns)
         mon = trust.Contention(threads).start()
@@ -163,7 +179,9 @@ def main(args, device) -> int:
             r = measure_pair(N, V, th, runs=runs, warmup=warmup, device=device, seed=args.seed, backend=backend)
             rows.append(r)
             print(f"  N={N} V={V} threads={th}: eager {r['eager_us']:.0f} us, kd {r['kd_us']:.0f} us, "
-                  f"kd/eager {r['ratio']:.2f}", file=sys.stderr, flush=True)
+                  f"kd/eager {r['ratio']:.2f}" + (f"; GPU launches eager {r['eager_launches']}, kd "
+                                                  f"{r['kd_launches']}" if "kd_launches" in r else ""),
+                  file=sys.stderr, flush=True)
     shares = [r["others_share"] for r in rows]
     c = {"others_share": None if None in shares else max(shares)}  # the worst size
     meta["wall_s"], meta["others_share"] = round(time.perf_counter() - t0, 1), c["others_share"]
