@@ -172,13 +172,13 @@ def render(meta, rows) -> str:
 def _cli(a) -> list:
     """The command line of a run, from its recorded arguments (defaults left out)."""
     defaults = dict(device="cpu", n=2048, hidden=512, teacher_hidden=None, vocab=32000, dtype="float32", repeats=1,
-                    rounds=2, points=None, threads=None, inprocess=False)
+                    rounds=2, points=None, beta=None, threads=None, inprocess=False)
     out = []
     for k, v in a.items():
         if k in ("out", "child", "render") or defaults.get(k, object()) == v:
             continue
         flag = "--" + k.replace("_", "-")
-        out += [flag] if v is True else [flag, str(v)]
+        out += [flag] if v is True else [flag, *map(str, v)] if isinstance(v, list) else [flag, str(v)]
     return out + (["--out", a["out"]] if a.get("out") else [])
 
 
@@ -193,6 +193,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="timed steps after the first (default 1)")
     p.add_argument("--rounds", type=int, default=2, help="CPU: fresh processes per candidate and point")
     p.add_argument("--points", type=int, default=None, help="only the first N grid points (smoke runs)")
+    p.add_argument("--beta", type=float, nargs="+", default=None, help="only the grid points with these betas")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--inprocess", action="store_true", help="every run in this process (GPU)")
     p.add_argument("--out", default=None, help="write <out>.json and <out>.md")
@@ -221,7 +222,8 @@ def main(argv=None) -> int:
         return 3
     own = list(argv if argv is not None else sys.argv[1:])
     rows, tmp = [], tempfile.mkdtemp()
-    grid = GRID[:args.points] if args.points else GRID
+    grid = [pt for pt in GRID if args.beta is None or pt["beta"] in args.beta]
+    grid = grid[:args.points] if args.points else grid
     print(f"# fused_linear_kd_loss vs TRL ChunkedDivergenceFunction: N={args.n} H={args.hidden} V={args.vocab} "
           f"{args.dtype}, {args.device}", flush=True)
     for point in grid:
