@@ -18,6 +18,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _proc import write_md_json  # noqa: E402
+
 
 def child(args, frac) -> dict:
     import torch
@@ -96,10 +99,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        with open(args.out + ".md", "w") as fh:
-            fh.write(text + "\n")
-        with open(args.out + ".json", "w") as fh:
-            json.dump(dict(args=vars(args), times_s=best, load_average=os.getloadavg()), fh, indent=1)
+        write_md_json(args.out, text, dict(args=vars(args), times_s=best, load_average=os.getloadavg()))
     return 0
 
 

@@ -23,7 +23,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _proc import vm_kib  # noqa: E402
+from _proc import peak_bytes, peak_start  # noqa: E402
 
 PATHS = ("unfused", "fused")
 
@@ -69,23 +69,9 @@ def child(args) -> dict:
     del small
 
     cuda = dev.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(dev)
-        before = torch.cuda.memory_allocated(dev)
-    else:
-        before = vm_kib("VmRSS") * 1024
-        try:  # "5" resets the peak RSS (VmHWM) to the current RSS
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass
+    before = peak_start(dev)
     loss = step(h, w, th, tw, y)
-    if cuda:
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated(dev)
-    else:
-        peak = vm_kib("VmHWM") * 1024
+    peak = peak_bytes(dev)
     grad_norms = [float(h.grad.double().norm()), float(w.grad.double().norm())]
     times = []
     for _ in range(args.repeats):

@@ -17,7 +17,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _proc import vm_kib  # noqa: E402
+from _proc import peak_bytes, peak_start  # noqa: E402
 
 
 
@@ -48,16 +48,14 @@ def main(argv=None) -> int:
         t[a:b] = torch.randn(b - a, V, generator=g) * 2
     s.requires_grad_()
     need = 2 * s.numel() * s.element_size() + s.numel() * s.element_size()  # inputs + gradient
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = vm_kib("VmRSS") * 1024  # holds the inputs
+    base = peak_start(s.device)  # holds the inputs
     t0 = time.perf_counter()
     loss = kdkernels.kd_loss(s, t, temperature=2.0, backend="torch", reduction="none")
     t1 = time.perf_counter()
     w = torch.linspace(0.5, 1.5, N)
     (loss * w).sum().backward()
     t2 = time.perf_counter()
-    peak = vm_kib("VmHWM") * 1024
+    peak = peak_bytes(s.device)
     held_before = base - 2 * s.numel() * s.element_size()  # libraries, allocator state
     rows = torch.linspace(0, N - 1, 8).long()
     s64 = s.detach()[rows].double().requires_grad_()

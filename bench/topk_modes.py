@@ -27,7 +27,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _proc import vm_kib  # noqa: E402
+from _proc import peak_bytes, peak_start, write_md_json  # noqa: E402
 
 MODES = ("full", "renormalized", "tail")
 RESOLUTION_MIB = 4
@@ -84,20 +84,9 @@ def child(args) -> dict:
     step(s0[:8].detach().clone().requires_grad_(), slice(0, 8))  # import / first-call costs: not the step's
     cuda = dev.type == "cuda"
     s = s0.detach().clone().requires_grad_()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(dev)
-        before = torch.cuda.memory_allocated(dev)
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = vm_kib("VmRSS") * 1024
+    before = peak_start(dev)
     loss = step(s)
-    if cuda:
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated(dev) - before
-    else:
-        peak = vm_kib("VmHWM") * 1024 - before
+    peak = peak_bytes(dev) - before
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
@@ -166,10 +155,7 @@ def main(argv=None) -> int:
         os.makedirs(args.out, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         base = os.path.join(args.out, f"topk-modes-{args.device}-{stamp}")
-        with open(base + ".json", "w") as f:
-            json.dump({"args": vars(args), "rows": rows, "load_average": os.getloadavg()}, f, indent=1)
-        with open(base + ".md", "w") as f:
-            f.write("\n".join(lines) + "\n")
+        write_md_json(base, "\n".join(lines), {"args": vars(args), "rows": rows, "load_average": os.getloadavg()})
         print(f"wrote {base}.json and .md")
     return 1 if failed else 0
 

@@ -34,17 +34,12 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _proc import peak_bytes, peak_start, write_md_json  # noqa: E402
+
 CANDIDATES = ("kdkernels", "trl")
 GRID = [dict(beta=b, temperature=t, softcap=c) for b, t, c in itertools.product((0.0, 0.5, 1.0), (1.0, 2.0),
                                                                                  (None, 30.0))]
-
-
-def _vm_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
 
 
 def _inputs(args, torch, dev):
@@ -92,18 +87,11 @@ def run_point(args, name, point, save=None):
     # op registration, thread pools) once per process, which is no cost of the step
     _step(name, point, *(x[:8, :8].detach().requires_grad_(x.requires_grad) for x in (h, w, th, tw)))
     cuda = dev.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(dev)
-        before = torch.cuda.memory_allocated(dev)
-    else:
-        before = _vm_kib("VmRSS") * 1024
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS
+    before = peak_start(dev)
     t0, c0 = time.perf_counter(), time.process_time()
     loss, ent = _step(name, point, h, w, th, tw)
     times, cpu = [time.perf_counter() - t0], [time.process_time() - c0]
-    peak = (torch.cuda.max_memory_allocated(dev) if cuda else _vm_kib("VmHWM") * 1024) - before
+    peak = peak_bytes(dev) - before
     grads = (h.grad.detach().float().cpu(), w.grad.detach().float().cpu())
     for _ in range(args.repeats):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -265,10 +253,7 @@ def main(argv=None) -> int:
     text = render(meta, rows)
     print(text)
     if args.out:
-        with open(args.out + ".md", "w") as f:
-            f.write(text + "\n")
-        with open(args.out + ".json", "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        write_md_json(args.out, text, dict(meta=meta, rows=rows))
     return 0
 
 

@@ -20,6 +20,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _proc import write_md_json  # noqa: E402
+
 
 def child(args, candidate) -> dict:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -132,10 +135,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        with open(args.out + ".md", "w") as f:
-            f.write(text + "\n")
-        with open(args.out + ".json", "w") as f:
-            json.dump(dict(args=vars(args), runs=runs, load_average=os.getloadavg()), f, indent=1)
+        write_md_json(args.out, text, dict(args=vars(args), runs=runs, load_average=os.getloadavg()))
     return 0
 
 
