@@ -6,6 +6,7 @@ Every backend is tested with the same function, `assert_matches_reference`, so t
 from __future__ import annotations
 
 import math
+import socket
 
 import pytest
 import torch
@@ -30,6 +31,13 @@ TOLERANCES = {
 }
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DIVERGENCES = ["kl", "soft_ce", "reverse_kl", "jsd"]
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a torch.distributed (gloo) rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def cuda_available() -> bool:

@@ -9,7 +9,6 @@ so that each shard crosses several of them, and NaN-poisoned outputs).
 """
 import contextlib
 import os
-import socket
 
 import pytest
 import torch
@@ -24,6 +23,7 @@ import kdkernels
 from kdkernels import reference
 from kdkernels.distributed import vocab_parallel_kd_loss
 from kdkernels.options import divergence as divergence_info
+from conftest import free_port
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -137,16 +137,10 @@ def _worker(rank, world, port):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.parametrize("world", [2, 4])
 def test_vocab_parallel_matches_single_device(world):
     # fork: the workers inherit the imported torch instead of importing it again (seconds each)
-    mp.start_processes(_worker, args=(world, _free_port()), nprocs=world, join=True, start_method="fork")
+    mp.start_processes(_worker, args=(world, free_port()), nprocs=world, join=True, start_method="fork")
 
 
 def test_errors_without_process_group():

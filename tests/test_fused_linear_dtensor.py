@@ -3,7 +3,6 @@ gloo processes (CPU): the same loss and gradients as plain tensors, and one all-
 DTensor per call however many chunks the call has (CommDebugMode counts the collectives).
 """
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import kdkernels
+from conftest import free_port
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -63,11 +63,5 @@ def _worker(rank, world, port):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_dtensor_lm_head_weights_gathered_once_per_call():
-    mp.start_processes(_worker, args=(2, _free_port()), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_worker, args=(2, free_port()), nprocs=2, join=True, start_method="fork")
