@@ -438,20 +438,24 @@ def _poison_allocator(device, *nbytes):
     del blocks
 
 
+def _topk_routed_to_cuda():
+    """kd_loss routes no top-k teacher to backend='cuda' in this release (csrc/kd_topk.cu predates
+    the sparse-teacher conventions): route teacher_topk_mode='full' (at teacher_topk_temperature 1,
+    the one convention the kernel implements) to it while this context lasts."""
+    return mock.patch.dict(teachers._TOPK_NATIVE, {"full": teachers._TOPK_NATIVE["full"] + ("cuda",)})
+
+
 @pytest.fixture
-def topk_on_cuda(monkeypatch):
-    """Route teacher_topk_mode='full' to backend='cuda' for the test (see _topk_run)."""
-    monkeypatch.setitem(teachers._TOPK_NATIVE, "full", teachers._TOPK_NATIVE["full"] + ("cuda",))
+def topk_on_cuda():
+    with _topk_routed_to_cuda():
+        yield
 
 
 def _topk_run(s, ids, lp, y, grad_out, **kw):
-    """kd_loss routes no top-k teacher to backend='cuda' in this release (csrc/kd_topk.cu predates
-    the sparse-teacher conventions): the kernel is reached here by routing teacher_topk_mode='full'
-    (at teacher_topk_temperature 1, the one convention it implements) to it for the call."""
     s = s.detach().clone().requires_grad_()
     lp = lp.detach().clone().requires_grad_()
     _poison_allocator(s.device, s.numel() * s.element_size(), lp.numel() * lp.element_size(), s.shape[0] * 4)
-    with mock.patch.dict(teachers._TOPK_NATIVE, {"full": teachers._TOPK_NATIVE["full"] + ("cuda",)}):
+    with _topk_routed_to_cuda():
         loss = kdkernels.kd_loss(s, None, y, teacher_topk_ids=ids, teacher_topk_logprobs=lp, backend="cuda",
                                  reduction="none", **kw)
     gs, gl = torch.autograd.grad((loss * grad_out.to(loss.dtype)).sum(), (s, lp))
