@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import numbers
+import os
 
 import torch
 from torch import Tensor, nn
 
 from . import ops, teachers
-from .backends import resolve
+from .backends import ENV_VAR, resolve
 from .options import (DIVERGENCES, KDOptions, check_backend, check_labels, check_normalizer_device,
                       check_options, float_tensor, reduce_rows, rows)
 
@@ -91,15 +92,36 @@ def kd_loss(
     logits as given. So kd_loss(raw, ..., student_softcap=30) == kd_loss(30 * tanh(raw / 30), ...).
     Teacher transforms need teacher logits (not probabilities or a top-k teacher).
     """
-    opts = check_options(temperature=temperature, divergence=divergence, beta=beta, skew=skew,
-                         soft_weight=soft_weight, hard_weight=hard_weight, t_squared=t_squared,
-                         ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
-                         backend=backend, inplace=inplace, teacher_topk_mode=teacher_topk_mode,
-                         teacher_topk_temperature=teacher_topk_temperature,
-                         student_logit_scale=student_logit_scale, student_softcap=student_softcap,
-                         teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap)
-    return _kd_loss(student_logits, teacher_logits, labels, teacher_probs, opts,
+    values = (temperature, divergence, beta, skew, soft_weight, hard_weight, t_squared, ignore_index, reduction,
+              normalizer, backend, inplace, teacher_topk_mode, teacher_topk_temperature, student_logit_scale,
+              student_softcap, teacher_logit_scale, teacher_softcap)
+    return _kd_loss(student_logits, teacher_logits, labels, teacher_probs, _options(values),
                     teacher_topk_ids, teacher_topk_logprobs, teacher_weights)
+
+
+# kd_loss's validated options by argument values (check_options's cache, without building its keyword
+# arguments: per call, about a microsecond instead of several at classification sizes).
+_OPTION_NAMES = ("temperature", "divergence", "beta", "skew", "soft_weight", "hard_weight", "t_squared",
+                 "ignore_index", "reduction", "normalizer", "backend", "inplace", "teacher_topk_mode",
+                 "teacher_topk_temperature", "student_logit_scale", "student_softcap", "teacher_logit_scale",
+                 "teacher_softcap")
+_OPTIONS: dict = {}
+
+
+def _options(values: tuple) -> KDOptions:
+    if torch.compiler.is_compiling() or isinstance(values[9], Tensor):  # (a tensor normalizer: checked each call)
+        return check_options(**dict(zip(_OPTION_NAMES, values)))
+    key = (values, tuple(map(type, values)))  # the types too: 1, 1.0 and True are equal keys
+    try:
+        opts = _OPTIONS.get(key)
+    except TypeError:  # an unhashable argument: check_options reports it
+        return check_options(**dict(zip(_OPTION_NAMES, values)))
+    if opts is None:
+        opts = check_options(**dict(zip(_OPTION_NAMES, values)))
+        if len(_OPTIONS) >= 256:
+            _OPTIONS.clear()
+        _OPTIONS[key] = opts
+    return opts
 
 
 def _check_tensors(student_logits, teacher_logits, labels, teacher_probs, opts: KDOptions):
@@ -113,19 +135,21 @@ def _check_tensors(student_logits, teacher_logits, labels, teacher_probs, opts: 
         what = "vocab sizes" if t.shape[:-1] == s.shape[:-1] else "shapes"
         raise ValueError(f"{t_name} and student_logits have different {what}: "
                          f"{tuple(t.shape)} vs {tuple(s.shape)}")
-    if t.device != s.device:
-        raise ValueError(f"{t_name} is on {t.device} but student_logits is on {s.device}")
+    device = s.device
+    if t.device != device:
+        raise ValueError(f"{t_name} is on {t.device} but student_logits is on {device}")
     if s.shape[-1] == 0:
         raise ValueError("student_logits has an empty vocabulary dimension (V = 0)")
     if teacher_probs is not None and (opts.teacher_logit_scale != 1.0 or opts.teacher_softcap is not None):
         raise ValueError("teacher_logit_scale / teacher_softcap transform teacher logits; they cannot be combined "
                          "with teacher_probs")
-    if (teacher_probs is not None and t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling()
+    if (teacher_probs is not None and device.type == "cpu" and t.numel() and not torch.compiler.is_compiling()
             and bool((t < 0).any())):  # checked where it costs no device sync; elsewhere such a row is NaN
         raise ValueError(f"teacher_probs must be >= 0, got {t[t < 0].flatten()[0].item()}")
-    check_labels(labels, s, opts)
-    check_normalizer_device(opts, s.device)
-    return s, t
+    bounds = check_labels(labels, s, opts)
+    if opts.normalizer is not None:
+        check_normalizer_device(opts, device)
+    return s, t, bounds, device
 
 
 def _kd_loss(student_logits, teacher_logits, labels, teacher_probs, opts: KDOptions,
@@ -138,37 +162,69 @@ def _kd_loss(student_logits, teacher_logits, labels, teacher_probs, opts: KDOpti
         loss, y = teachers.kd_rows(student_logits, teacher_logits, labels, teacher_probs, opts,
                                    topk_ids, topk_logprobs, teacher_weights)
         return reduce_rows(loss, y, student_logits.shape[:-1], opts)
-    s, t = _check_tensors(student_logits, teacher_logits, labels, teacher_probs, opts)
-    float64 = torch.float64 in (s.dtype, t.dtype)
-    native = opts.kernel_divergence_info.backends
-    feature = opts.divergence_feature
-    if opts.has_transforms:
-        native, feature = tuple(b for b in native if b in TRANSFORM_BACKENDS), f"{feature} with logit transforms"
-    backend = resolve(opts.backend, s.device, float64=float64, feature=feature, native=native)
-    code, beta = opts.kernel_divergence
-    T = opts.temperature
-    lead = s.shape[:-1]
-    y = None if labels is None else labels.reshape(-1).long()
-    teacher_grad = torch.is_grad_enabled() and t.requires_grad
+    s, t, bounds, device = _check_tensors(student_logits, teacher_logits, labels, teacher_probs, opts)
+    backend = _backend(opts, device, torch.float64 in (s.dtype, t.dtype))
+    y = None if labels is None else labels if labels.dim() == 1 and labels.dtype == torch.int64 else \
+        labels.reshape(-1).long()
+    teacher_grad = t.requires_grad and torch.is_grad_enabled()
     if opts.inplace:
+        return _kd_inplace(s, t, y, teacher_probs is not None, teacher_grad, backend, opts)
+    code, beta = opts.kernel_divergence
+    args = (rows(s), rows(t), y, teacher_probs is not None, opts.temperature, code, beta, opts.soft_scale,
+            opts.hard_weight, opts.ignore_index, teacher_grad, opts.transforms, backend)
+    if backend == "torch" and device.type == "cpu" and opts.host_reduction and ops.eager_call():
+        # the reduction's denominator is a host number here: it folds into the op
+        n_rows = s.numel() // s.shape[-1]
+        return ops.kd_reduced_call(*args, denominator=_denominator(y, bounds, n_rows, opts), label_bounds=bounds)
+    loss, _, _ = ops.kd_fused_call(*args)
+    return reduce_rows(loss, y, s.shape[:-1], opts)
+
+
+def _backend(opts: KDOptions, device: torch.device, float64: bool) -> str:
+    """resolve() for these options (which backends have their divergence and transforms),
+    memoised per options object, device and $KDKERNELS_BACKEND (only answers, not errors)."""
+    compiling = torch.compiler.is_compiling()
+    key = None if compiling else (device, float64, os.environ.get(ENV_VAR))
+    backend = None if compiling else opts.resolved.get(key)
+    if backend is None:
+        native, feature = opts.kernel_divergence_info.backends, opts.divergence_feature
         if opts.has_transforms:
-            raise ValueError("inplace=True cannot be combined with logit transforms (softcap, logit_scale)")
-        if backend != "triton":
-            raise ValueError(f"inplace=True needs the Triton backend; backend='auto' resolved to {backend!r} "
-                             f"on {s.device}")
-        s2 = rows(s)
-        if s2.data_ptr() != s.data_ptr() or s2.stride(-1) != 1:
-            raise ValueError("inplace=True needs student_logits whose rows are a view with unit last-dim "
-                             "stride (got a layout that would need a copy)")
-        from .inplace import kd_rows_inplace
-        loss = kd_rows_inplace(s2, rows(t), y, teacher_is_probs=teacher_probs is not None, temperature=T,
-                               divergence=code, beta=beta, soft_scale=opts.soft_scale,
-                               hard_weight=opts.hard_weight, ignore_index=opts.ignore_index,
-                               teacher_grad=teacher_grad)
-        return reduce_rows(loss, y, lead, opts)
-    loss, _, _ = ops.kd_fused_call(rows(s), rows(t), y, teacher_probs is not None, T, code, beta, opts.soft_scale,
-                                   opts.hard_weight, opts.ignore_index, teacher_grad, opts.transforms, backend)
-    return reduce_rows(loss, y, lead, opts)
+            native, feature = tuple(b for b in native if b in TRANSFORM_BACKENDS), f"{feature} with logit transforms"
+        backend = resolve(opts.backend, device, float64=float64, feature=feature, native=native)
+        if not compiling:
+            opts.resolved[key] = backend
+    return backend
+
+
+def _kd_inplace(s, t, y, teacher_is_probs: bool, teacher_grad: bool, backend: str, opts: KDOptions):
+    if opts.has_transforms:
+        raise ValueError("inplace=True cannot be combined with logit transforms (softcap, logit_scale)")
+    if backend != "triton":
+        raise ValueError(f"inplace=True needs the Triton backend; backend='auto' resolved to {backend!r} "
+                         f"on {s.device}")
+    s2 = rows(s)
+    if s2.data_ptr() != s.data_ptr() or s2.stride(-1) != 1:
+        raise ValueError("inplace=True needs student_logits whose rows are a view with unit last-dim "
+                         "stride (got a layout that would need a copy)")
+    from .inplace import kd_rows_inplace
+    code, beta = opts.kernel_divergence
+    loss = kd_rows_inplace(s2, rows(t), y, teacher_is_probs=teacher_is_probs, temperature=opts.temperature,
+                           divergence=code, beta=beta, soft_scale=opts.soft_scale,
+                           hard_weight=opts.hard_weight, ignore_index=opts.ignore_index,
+                           teacher_grad=teacher_grad)
+    return reduce_rows(loss, y, s.shape[:-1], opts)
+
+
+def _denominator(y, bounds, n_rows: int, opts: KDOptions) -> float:
+    """reduce_total's denominator as a host number (CPU labels, whose (min, max) check_labels
+    returned as `bounds`): the normalizer, 1 for "sum", else the number of counted rows (at least 1)."""
+    if opts.normalizer is not None:
+        return opts.normalizer
+    if opts.reduction == "sum":
+        return 1.0
+    if y is None or (bounds is not None and not bounds[0] <= opts.ignore_index <= bounds[1]):
+        return max(n_rows, 1)
+    return max(int((y != opts.ignore_index).sum()), 1)
 
 
 class KDLoss(nn.Module):

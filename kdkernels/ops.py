@@ -27,8 +27,10 @@ from .backends import module
 
 
 def _kd_fused_impl(student, teacher, labels, teacher_is_probs, temperature, divergence, beta, soft_scale,
-                   hard_weight, ignore_index, teacher_grad, transforms, backend):
+                   hard_weight, ignore_index, teacher_grad, transforms, backend, label_bounds=None):
     extra = {"transforms": tuple(transforms)} if transforms else {}  # routed to backends that have them
+    if label_bounds is not None and backend == "torch":  # the labels' (min, max), read by the API's check
+        extra["label_bounds"] = label_bounds
     return module(backend).kd_forward(
         student, teacher, labels, teacher_is_probs=teacher_is_probs, temperature=temperature,
         divergence=divergence, beta=beta, soft_scale=soft_scale, hard_weight=hard_weight,
@@ -107,6 +109,8 @@ def scale_grad(g: Tensor, scale: Tensor, inplace: bool) -> Tensor:
     its precision). In place when `inplace`; on the CPU a mixed-dtype in-place multiply makes
     full-size float32 temporaries, so it runs a chunk of rows at a time there."""
     if scale.dim() == 0:
+        if inplace and g.dtype == scale.dtype:
+            return g.mul_(scale)
         scale = scale.view((1,) * g.dim())
     if not inplace:
         return torch.mul(g, scale).to(g.dtype)
@@ -130,7 +134,7 @@ _DOUBLE_BACKWARD = ("kdkernels: double backward (create_graph=True, torch.autogr
 
 def begin_backward(ctx) -> None:
     """Checks before a backward that scales saved gradients (before they are unpacked)."""
-    if not _tracing() and torch.is_grad_enabled():
+    if torch.is_grad_enabled() and not _tracing():
         raise RuntimeError(_DOUBLE_BACKWARD)
     if getattr(ctx, "consumed", False):
         raise RuntimeError(_SECOND_BACKWARD)
@@ -173,13 +177,56 @@ class _KDFusedEager(torch.autograd.Function):
         return _kd_backward(ctx, grad_loss, grad_gs, grad_gt)
 
 
+def eager_call() -> bool:
+    """Whether nothing traces (torch.compile, make_fx, opcheck, fake tensors) and no torch.func
+    transform is active: then the autograd.Functions below may stand in for the ops."""
+    return not (_tracing() or torch._C._are_functorch_transforms_active())
+
+
 def kd_fused_call(*args):
     """kd_fused(*args) through the cheapest path that is correct here: the autograd.Function in
     eager mode, the torch.library op (one opaque node with a fake function) whenever something
-    traces (torch.compile, make_fx, opcheck, fake tensors) or a torch.func transform is active."""
-    if _tracing() or torch._C._are_functorch_transforms_active():
+    traces or a torch.func transform is active."""
+    if not eager_call():
         return kd_fused(*args)
     return _KDFusedEager.apply(*args)
+
+
+class _KDReducedEager(torch.autograd.Function):
+    """kd_fused with the reduction folded in (eager mode; kd_reduced_call): the loss weights are
+    divided by the reduction's denominator before the kernel runs, so the forward returns the
+    0-d sum of the rows and the saved gradients are already those of the reduced loss; backward
+    multiplies them by the 0-d grad_output. At classification sizes this saves the reduction's
+    ops and autograd nodes, forward and backward, which cost as much as the loss itself there.
+    The scalar arguments travel as one tuple (autograd.Function.apply costs per argument)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels, params):
+        (teacher_is_probs, temperature, divergence, beta, soft_scale, hard_weight, ignore_index, teacher_grad,
+         transforms, backend, denominator, label_bounds) = params
+        loss, grad_s, grad_t = _kd_fused_impl(student, teacher, labels, teacher_is_probs, temperature, divergence,
+                                              beta, soft_scale / denominator, hard_weight / denominator,
+                                              ignore_index, teacher_grad, transforms, backend, label_bounds)
+        ctx.teacher_grad = teacher_grad
+        ctx.save_for_backward(grad_s, grad_t)
+        return loss.sum()
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        begin_backward(ctx)
+        grad_s, grad_t = ctx.saved_tensors
+        inplace = scale_in_place(ctx, grad_s)
+        gs = scale_grad(grad_s, grad_total, inplace) if ctx.needs_input_grad[0] else None
+        gt = scale_grad(grad_t, grad_total, inplace) if ctx.teacher_grad and ctx.needs_input_grad[1] else None
+        return gs, gt, None, None
+
+
+def kd_reduced_call(student, teacher, labels, *params, denominator: float, label_bounds=None):
+    """The reduced loss sum(kd_fused rows) / denominator in one eager autograd node (only where
+    eager_call(); params: kd_fused's arguments after labels; the denominator a host number: the
+    count of counted rows, 1 for "sum", or the normalizer; label_bounds: the labels' (min, max)
+    if the caller has read them)."""
+    return _KDReducedEager.apply(student, teacher, labels, params + (float(denominator), label_bounds))
 
 
 @torch.library.custom_op("kdkernels::tempered_softmax", mutates_args=())

@@ -54,6 +54,7 @@ DIVERGENCES = tuple(d.name for d in DIVERGENCE_TABLE)
 _BY_NAME = {d.name: d for d in DIVERGENCE_TABLE}
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INT_DTYPES = (torch.int64, torch.int32)
 REDUCTIONS = ("mean", "sum", "none")
 BACKEND_NAMES = ("auto",) + ALL_BACKENDS
 _INT64 = (-(2 ** 63), 2 ** 63 - 1)
@@ -90,48 +91,45 @@ class KDOptions:
     teacher_logit_scale: float = 1.0
     teacher_softcap: float | None = None
 
-    @property
-    def transforms(self) -> list:
-        """The op's transforms argument: [] (none) or [student scale, softcap, teacher scale, softcap]
-        with softcap 0.0 for none."""
-        if not self.has_transforms:
-            return []
-        return [self.student_logit_scale, self.student_softcap or 0.0, self.teacher_logit_scale,
-                self.teacher_softcap or 0.0]
-
-    @property
-    def has_transforms(self) -> bool:
-        return (self.student_logit_scale != 1.0 or self.student_softcap is not None
-                or self.teacher_logit_scale != 1.0 or self.teacher_softcap is not None)
-
-    @property
-    def soft_scale(self) -> float:
-        """soft_weight * (T**2 if t_squared else 1): the soft term's factor."""
+    # Derived values, computed once per (immutable) options object in __post_init__, since every
+    # call reads them (plain attributes: torch.compile traces them as constants):
+    #   has_transforms        any per-model logit transform set
+    #   transforms            the op's transforms argument: [] (none) or [student scale, softcap,
+    #                         teacher scale, softcap] with softcap 0.0 for none
+    #   soft_scale            soft_weight * (T**2 if t_squared else 1): the soft term's factor
+    #   param                 the divergence's parameter (beta, skew), or 0.0 if it has none
+    #   kernel_divergence     (code, parameter) the kernels run. At its endpoints a divergence is
+    #                         another one and runs as such: jsd beta = 0 is KL(p||q) and beta = 1 is
+    #                         KL(q||p) (TRL's convention), skew 0 is plain KL / reverse KL,
+    #                         symmetric_kl beta 0 / 1 is KL / reverse KL
+    #   kernel_divergence_info  its Divergence row
+    #   divergence_feature    "divergence='...'" (for error messages)
+    #   host_reduction        whether the reduction's denominator is a host number on CPU inputs
+    #                         ("mean", "sum", a float normalizer; not "none" or a tensor normalizer)
+    #   resolved              kdkernels.api's memo of the backend resolved per (device, float64,
+    #                         $KDKERNELS_BACKEND)
+    def __post_init__(self):
+        has_transforms = (self.student_logit_scale != 1.0 or self.student_softcap is not None
+                          or self.teacher_logit_scale != 1.0 or self.teacher_softcap is not None)
         T = self.temperature
-        return self.soft_weight * (T * T if self.t_squared else 1.0)
-
-    @property
-    def param(self) -> float:
-        """The divergence's parameter (beta, skew), or 0.0 if it has none."""
-        field = _BY_NAME[self.divergence].param
-        return getattr(self, field) if field else 0.0
-
-    @property
-    def kernel_divergence(self) -> tuple[int, float]:
-        """(code, parameter) the kernels run. At its endpoints a divergence is another one and
-        runs as such: jsd beta = 0 is KL(p||q) and beta = 1 is KL(q||p) (TRL's convention),
-        skew 0 is plain KL / reverse KL, symmetric_kl beta 0 / 1 is KL / reverse KL."""
-        name, param = self.divergence, self.param
-        name = _ENDPOINTS.get((name, param), name)
-        return _BY_NAME[name].code, param
-
-    @property
-    def kernel_divergence_info(self) -> Divergence:
-        return DIVERGENCE_TABLE[self.kernel_divergence[0]]
-
-    @property
-    def divergence_feature(self) -> str:
-        return f"divergence={self.divergence!r}"
+        field = _BY_NAME[self.divergence].param if self.divergence in _BY_NAME else None
+        param = getattr(self, field) if field else 0.0
+        name = _ENDPOINTS.get((self.divergence, param), self.divergence)
+        code = _BY_NAME[name].code if name in _BY_NAME else -1
+        derived = {
+            "has_transforms": has_transforms,
+            "transforms": [self.student_logit_scale, self.student_softcap or 0.0, self.teacher_logit_scale,
+                           self.teacher_softcap or 0.0] if has_transforms else [],
+            "soft_scale": self.soft_weight * (T * T if self.t_squared else 1.0),
+            "param": param,
+            "kernel_divergence": (code, param),
+            "kernel_divergence_info": DIVERGENCE_TABLE[code] if code >= 0 else None,
+            "divergence_feature": f"divergence={self.divergence!r}",
+            "host_reduction": self.reduction != "none" and not isinstance(self.normalizer, Tensor),
+            "resolved": {},
+        }
+        for key, value in derived.items():
+            object.__setattr__(self, key, value)
 
     def replace(self, **changes) -> "KDOptions":
         return replace(self, **changes)
@@ -165,11 +163,12 @@ TOPK_MODES = ("full", "renormalized", "tail")
 def check_options(**kwargs) -> KDOptions:
     """Validate the scalar options shared by every KD entry point; returns them as a KDOptions.
     Keyword arguments: the KDOptions fields. The same plain arguments give the same (immutable)
-    object from a small cache: per call, validation is then a dictionary lookup."""
+    object from a small cache: per call, validation is then a dictionary lookup (keyed in the
+    caller's argument order: a call site always passes them in the same one)."""
     if isinstance(kwargs.get("normalizer"), Tensor) or torch.compiler.is_compiling():
         return _check_options(**kwargs)
     try:
-        key = tuple(sorted((k, type(v), v) for k, v in kwargs.items()))  # type: 1 and True hash alike
+        key = tuple([(k, type(v), v) for k, v in kwargs.items()])  # type: 1 and True hash alike
         hash(key)
     except TypeError:  # an unhashable argument: validate it (and report it) the long way
         return _check_options(**kwargs)
@@ -266,15 +265,20 @@ def float_tensor(name: str, x) -> Tensor:
     return x
 
 
+_is_gradtracking = getattr(getattr(torch._C, "_functorch", None), "is_gradtrackingtensor", lambda _: False)
+
+
 def _under_functorch_autodiff(x: Tensor) -> bool:
-    functorch = getattr(torch._C, "_functorch", None)
-    if functorch is not None and getattr(functorch, "is_gradtrackingtensor", lambda _: False)(x):
+    if _is_gradtracking(x):
         return True
-    return torch.autograd.forward_ad.unpack_dual(x).tangent is not None
+    fwd = torch.autograd.forward_ad  # a tangent exists only inside a dual level
+    return getattr(fwd, "_current_level", 0) >= 0 and fwd.unpack_dual(x).tangent is not None
 
 
 def rows(x: Tensor) -> Tensor:
     """(..., V) -> (N, V) without a copy where the strides allow, last dim contiguous."""
+    if x.dim() == 2 and (x.stride(-1) == 1 or x.shape[-1] <= 1):
+        return x  # (no view: a view would add an autograd node, forward and backward)
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[-1] > 1 and x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -283,26 +287,32 @@ def rows(x: Tensor) -> Tensor:
 
 def check_labels(labels, s: Tensor, opts: KDOptions, name: str = "student_logits"):
     """labels: None or an integer tensor of shape s.shape[:-1] on s's device. On CPU tensors
-    (where it costs no device sync) out-of-range labels raise; elsewhere they give NaN rows."""
+    (where it costs no device sync) out-of-range labels raise; elsewhere they give NaN rows.
+    Returns the labels' (min, max) as ints where they were read (CPU, eager), else None."""
     V = s.shape[-1]
     if labels is not None:
         if not isinstance(labels, Tensor):
             raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-        if labels.dtype.is_floating_point or labels.is_complex() or labels.dtype == torch.bool:
+        if labels.dtype not in _INT_DTYPES and (labels.dtype.is_floating_point or labels.is_complex()
+                                                 or labels.dtype == torch.bool):
             raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
         if labels.shape != s.shape[:-1]:
             raise ValueError(f"labels must have shape {tuple(s.shape[:-1])} ({name}.shape[:-1]), "
                              f"got {tuple(labels.shape)}")
-        if labels.device != s.device:
-            raise ValueError(f"labels is on {labels.device} but {name} is on {s.device}")
-        if labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
+        device = labels.device
+        if device != s.device:
+            raise ValueError(f"labels is on {device} but {name} is on {s.device}")
+        if device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
             lo, hi = labels.aminmax()  # one pass; the detailed check only when something is outside
+            lo, hi = int(lo), int(hi)
             if (lo < 0 or hi >= V) and bool(((labels != opts.ignore_index) & ((labels < 0) | (labels >= V))).any()):
                 bad = (labels != opts.ignore_index) & ((labels < 0) | (labels >= V))
                 raise ValueError(f"labels must be in [0, {V}) or ignore_index={opts.ignore_index}, "
                                  f"got {labels[bad].flatten()[0].item()}")
+            return lo, hi
     elif opts.hard_weight > 0:
         raise ValueError("hard_weight > 0 needs labels")
+    return None
 
 
 def check_normalizer_device(opts: KDOptions, device: torch.device, name: str = "student_logits"):

@@ -122,9 +122,10 @@ def _gradient_term_scales(student, teacher, labels, teacher_is_probs, grad_outpu
 
 
 def assert_matches_reference(student, teacher, labels=None, *, teacher_is_probs=False, backend="torch",
-                             grad_output=None, teacher_grad=False, **kwargs):
+                             grad_output=None, teacher_grad=False, check_grads=True, **kwargs):
     """Run kd_loss on `backend` and kdkernels.reference on float64 copies; compare the loss and
-    the gradients of the student (and the teacher when teacher_grad) for the given grad_output."""
+    (unless check_grads=False) the gradients of the student (and the teacher when teacher_grad)
+    for the given grad_output."""
     dtype = student.dtype
     loss_rtol, loss_atol, grad_rtol, grad_atol, grad_floor = TOLERANCES[dtype]
     s = student.detach().clone().requires_grad_()
@@ -146,6 +147,8 @@ def assert_matches_reference(student, teacher, labels=None, *, teacher_is_probs=
         summed = n_rows / float(kwargs["normalizer"])
     atol = loss_atol * loss_scale * (1 + math.log(student.shape[-1] or 1)) * max(summed, 1)
     assert_close(loss, ref, loss_rtol, atol, "loss")
+    if not check_grads:
+        return loss, ref
     if grad_output is None:
         grad_output = torch.randn(ref.shape, dtype=torch.float64) * 0.5 + 1.3 if ref.dim() else torch.tensor(1.7, dtype=torch.float64)
     (loss * grad_output.to(loss.device, loss.dtype)).sum().backward()
@@ -185,3 +188,40 @@ def assert_matches_reference(student, teacher, labels=None, *, teacher_is_probs=
         floor = grad_floor * (1 + (grad_output.abs().max().item() if grad_output.numel() else 0.0))
         assert_close(x.grad, expected, grad_rtol, grad_atol * scale + floor, what)
     return loss, ref
+
+
+def assert_tvd_grad_matches(student, teacher, labels=None, *, backend="torch", teacher_grad=False, **kwargs):
+    """TVD's gradients against the reference. The student's is q (0.5 sign(q - p) - G) (the
+    teacher's p (0.5 sign(p - q) - G_t)), which jumps at p = q: where |log p/q| is below float32's
+    resolution of it (a few roundings of the log-probabilities, ~1e-6) either sign is right, and
+    those entries' mass moves G. So: entries off the kink only, within 1e-5 of the gradient's
+    terms plus four times the row's largest entry times the row's mass at the kink; NaN where
+    the reference is NaN. Returns the kink mask (the entries not compared)."""
+    T = kwargs.get("temperature", 1.0)
+    s1 = student.detach().clone().requires_grad_()
+    t1 = teacher.detach().clone().requires_grad_(teacher_grad)
+    grads = torch.autograd.grad(kdkernels.kd_loss(s1, t1, labels, backend=backend, **kwargs),
+                                [s1, t1] if teacher_grad else [s1])
+    s64 = student.detach().cpu().double().requires_grad_()
+    t64 = teacher.detach().cpu().double().requires_grad_(teacher_grad)
+    refs = torch.autograd.grad(reference.kd_loss(s64, t64, labels, **kwargs), [s64, t64] if teacher_grad else [s64])
+    lq = reference.tempered_log_softmax(student.cpu(), T)
+    lp = reference.tempered_log_softmax(teacher.cpu(), T)
+    kink = (lp - lq).abs() <= 1e-6
+    scales = _gradient_term_scales(student.cpu(), teacher.cpu(), labels, False, torch.tensor(1.0, dtype=torch.float64),
+                                   dict(kwargs, reduction=kwargs.get("reduction", "mean")))
+    with torch.no_grad():
+        rows = reference.kd_loss(s64.detach(), t64.detach(), labels, **{**kwargs, "reduction": "none"})
+    nan_rows = rows.isnan().reshape(-1)  # NaN in (NaN out: the reference's sign(NaN) = 0 may leave these finite)
+    for what, g, rg, mass in zip(("student grad", "teacher grad"), grads, refs, (lq.exp(), lp.exp())):
+        g2 = g.detach().cpu().reshape(-1, g.shape[-1])
+        assert bool(g2[nan_rows].isnan().all()), f"{what}: a NaN row's gradient is not NaN"
+        rg = torch.where(nan_rows.reshape(rows.shape + (1,)), math.nan, rg)
+        finite = torch.isfinite(rg)
+        term = scales[what] if math.isfinite(scales[what]) else 0.0  # (NaN where an input row is NaN)
+        term = max(term, rg[finite].abs().max().item() if bool(finite.any()) else 0.0)
+        bound = 1e-5 * term + rg.abs().amax(-1, keepdim=True) * 4 * torch.where(kink, mass, 0.0).sum(-1, keepdim=True)
+        err = (g.cpu().double() - rg).abs()
+        assert bool(((err <= bound) | ~finite | kink).all()), (what, (err / bound)[~kink & finite].max())
+        assert bool((g.isnan().cpu() == rg.isnan()).all()), f"{what}: NaN entries differ"
+    return kink

@@ -32,10 +32,17 @@ _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch")}
 
 def module(name: str):
     """The backend module `name` (imported on first use: Triton and the extension load lazily)."""
+    mod = _loaded.get(name)
+    if mod is not None:
+        return mod
     try:
-        return importlib.import_module(f".{_MODULES[name]}", __name__)
+        mod = _loaded[name] = importlib.import_module(f".{_MODULES[name]}", __name__)
     except ImportError as exc:  # pragma: no cover - depends on what is installed
         raise RuntimeError(f"backend {name!r} cannot be imported: {exc}") from exc
+    return mod
+
+
+_loaded: dict = {}  # name -> module (importlib's lookup costs microseconds per call)
 
 
 def why_unavailable(name: str, device: torch.device) -> str | None:

@@ -68,12 +68,15 @@ def mul0(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return prod.masked_fill_(a == 0, 0.0)
 
 
-def sum_mul0(a: torch.Tensor, b: torch.Tensor, tmp=None) -> torch.Tensor:
+def sum_mul0(a: torch.Tensor, b: torch.Tensor, tmp=None, masks: bool = True) -> torch.Tensor:
     """Row sums of mul0(a, b), keepdim (the product in `tmp`, a buffer of a's shape, when given:
     a fresh buffer of a chunk's size page-faults on the CPU). On the CPU the plain product is
     summed first and the mask (two more passes) applied only if a row came out NaN: checking a
-    [rows] vector costs nothing there, whereas on a GPU it would be a sync."""
+    [rows] vector costs nothing there, whereas on a GPU it would be a sync. masks=False: the
+    plain sum (for callers that redo every non-finite row another way)."""
     prod = torch.mul(a, b, out=tmp)
+    if not masks:
+        return prod.sum(-1, keepdim=True)
     if a.device.type == "cpu":
         d = prod.sum(-1, keepdim=True)
         if not bool(d.isnan().any()):
@@ -104,6 +107,9 @@ class Workspace:
 SMALL_BLOCK = 1 << 15
 
 
+NEAR_ONE_HOT = 1e-3  # log d below this: a nearly one-hot row, whose log d is log1p of the other entries
+
+
 def centred_stats(x: torch.Tensor, inv_t: float, z_out=None, e_out=None):
     """(z, p, log d) of a float block along the last dim: z = (x - max x) / T, p = softmax(x / T),
     log d = log sum exp z (log p = z - log d; d >= 1). An all -inf (or +inf, or NaN) row gives
@@ -121,7 +127,7 @@ def centred_stats(x: torch.Tensor, inv_t: float, z_out=None, e_out=None):
         d = p.sum(-1, keepdim=True)
         log_d = d.log()
         p.div_(d)
-    near = log_d < 1e-3  # d - 1 without the rounding of the 1 that the max entry contributes exactly
+    near = log_d < NEAR_ONE_HOT  # d - 1 without the rounding of the 1 that the max entry contributes exactly
     if x.device.type != "cpu" or bool(near.any()):
         top = z == 0
         rest = torch.exp(z).masked_fill_(top, 0.0).sum(-1, keepdim=True) + (top.sum(-1, keepdim=True) - 1)
@@ -144,28 +150,35 @@ def log_softmax_and_softmax(x, inv_t: float = 1.0):
 
 # ---- accurate (cancellation-free) divergences -----------------------------------------------
 
-def _p_phi(w, x, m):
+def _p_phi(w, x, m, masks: bool = True):
     """w * phi(x), phi(x) = x - 1 + exp(-x), where m = w exp(-x): x + expm1(-x) for x > -1 (no
-    cancellation for small |x|), w x - w + m below (no overflow)."""
+    cancellation for small |x|), w x - w + m below (no overflow). masks=False: x + expm1(-x)
+    everywhere (exact too; it overflows where x < -88, which the caller redoes another way)."""
+    if not masks:
+        return w * torch.expm1(-x).add_(x)
     near = w * (x + torch.expm1(-x.clamp(min=-1.0)))
     if _cpu_min_above(x, -1.0):
         return near
     return torch.where(x > -1.0, near, w * x - w + m)
 
 
-def _kl_phi(w, x, v) -> torch.Tensor:
-    """KL(w || v) = sum_{w>0} w phi(x) + sum_{w=0} v, x = log w/v."""
-    terms = _p_phi(w, x, v)
-    if not _cpu_min_above(w, 0.0):
+def _kl_phi(w, x, v, masks: bool = True) -> torch.Tensor:
+    """KL(w || v) = sum_{w>0} w phi(x) + sum_{w=0} v, x = log w/v (masks=False: sum w phi(x),
+    non-finite where w == 0 meets an infinite x)."""
+    terms = _p_phi(w, x, v, masks)
+    if masks and not _cpu_min_above(w, 0.0):
         terms = torch.where(w == 0, v, terms)
     return terms.sum(-1, keepdim=True)
 
 
-def log_w_over_mix(u, a: float) -> torch.Tensor:
+def log_w_over_mix(u, a: float, masks: bool = True) -> torch.Tensor:
     """log(w / m), m = a w + (1 - a) v, given u = log w - log v: -log1p((1 - a) expm1(-u)), exact
-    for small u; -logaddexp(log a, log(1 - a) - u) for u <= -1 (no overflow)."""
+    for small u; -logaddexp(log a, log(1 - a) - u) for u <= -1 (no overflow; masks=False: the
+    first form everywhere, -inf where it overflows)."""
     if a >= 1.0:  # (1 - beta rounded to 1) m = w
         return torch.where(torch.isnan(u), u, torch.zeros_like(u))
+    if not masks:
+        return torch.expm1(-u).mul_(1.0 - a).log1p_().neg_()
     near = -torch.log1p((1.0 - a) * torch.expm1(-u.clamp(min=-1.0)))
     if _cpu_min_above(u, -1.0):
         return near
@@ -194,52 +207,57 @@ def tvd_combine(parts):
     return torch.where(w_a * w_b > 0, mean, 0.5 * (a + b)).unsqueeze(-1)
 
 
-def accurate_divergence(code: int, param: float, p, lq, q, u) -> torch.Tensor:
-    """D [rows, 1] in the cancellation-free form of the module docstring."""
+def accurate_divergence(code: int, param: float, p, lq, q, u, masks: bool = True) -> torch.Tensor:
+    """D [rows, 1] in the cancellation-free form of the module docstring. masks=False: without
+    the masks and branches that keep zero probabilities and far log-ratios finite (a row that
+    needs them comes out non-finite; for callers that redo such rows another way)."""
+    k = masks
     if code == KL:
-        return _kl_phi(p, u, q)
+        return _kl_phi(p, u, q, k)
     if code == REVERSE_KL:
-        return _kl_phi(q, -u, p)
+        return _kl_phi(q, -u, p, k)
     if code == SYMMETRIC_KL:
-        return (1 - param) * _kl_phi(p, u, q) + param * _kl_phi(q, -u, p)
+        return (1 - param) * _kl_phi(p, u, q, k) + param * _kl_phi(q, -u, p, k)
     if code == JSD:
         b = param
         m = b * p + (1 - b) * q
-        return (b * _kl_phi(p, log_w_over_mix(u, b), m)
-                + (1 - b) * _kl_phi(q, log_w_over_mix(-u, 1 - b), m))
+        return (b * _kl_phi(p, log_w_over_mix(u, b, k), m, k)
+                + (1 - b) * _kl_phi(q, log_w_over_mix(-u, 1 - b, k), m, k))
     if code == SKEW_KL:
-        return _kl_phi(p, log_w_over_mix(u, param), param * p + (1 - param) * q)
+        return _kl_phi(p, log_w_over_mix(u, param, k), param * p + (1 - param) * q, k)
     if code == SKEW_REVERSE_KL:
-        return _kl_phi(q, log_w_over_mix(-u, param), param * q + (1 - param) * p)
+        return _kl_phi(q, log_w_over_mix(-u, param, k), param * q + (1 - param) * p, k)
     if code == TVD:
         return tvd_combine(tvd_parts(p, q, u))
     if code == SOFT_CE:
-        return -sum_mul0(p, lq)
+        return -sum_mul0(p, lq, None, k)
     raise ValueError(f"unknown divergence code {code}")
 
 
 # ---- plain sums and gradient coefficients ---------------------------------------------------
 
-def terms(code: int, param: float, p, lq, q, u, normalized: bool = True, plain_sum: bool = True, tmp=None):
+def terms(code: int, param: float, p, lq, q, u, normalized: bool = True, plain_sum: bool = True, tmp=None,
+          masks: bool = True):
     """(D [rows, 1], (c_s, r_s), (c_t, r_t)): the divergence as a plain sum (accurate for
     soft_ce and tvd; see split_accurate for the others) and the gradient coefficients of the
     module docstring (r None where unused). lq is read for soft_ce only. normalized=False: p and
     q need not sum to 1 (a clamped top-k tail). plain_sum=False: D is None where the caller takes
-    the accurate form anyway (kl, reverse_kl, symmetric_kl)."""
+    the accurate form anyway (kl, reverse_kl, symmetric_kl). masks=False: plain products, no
+    zero-probability masks (for callers that redo every non-finite row another way)."""
     c_s = c_t = 0.0
     r_s = r_t = None
     if code == KL:
-        D = sum_mul0(p, u, tmp) if plain_sum else None
+        D = sum_mul0(p, u, tmp, masks) if plain_sum else None
         c_s, r_t = 1.0, u
     elif code == SOFT_CE:
-        D = -sum_mul0(p, lq, tmp)
+        D = -sum_mul0(p, lq, tmp, masks)
         c_s, r_t = 1.0, -lq
     elif code == REVERSE_KL:
         r_s, c_t = -u, 1.0
-        D = -sum_mul0(q, u, tmp) if plain_sum else None
+        D = -sum_mul0(q, u, tmp, masks) if plain_sum else None
     elif code == SYMMETRIC_KL:  # (1 - beta) KL(p||q) + beta KL(q||p)
         b = param
-        D = (1 - b) * sum_mul0(p, u) - b * sum_mul0(q, u) if plain_sum else None
+        D = (1 - b) * sum_mul0(p, u, None, masks) - b * sum_mul0(q, u, None, masks) if plain_sum else None
         c_s, r_s, c_t, r_t = 1 - b, -b * u, b, (1 - b) * u
     elif code == JSD:  # beta KL(p||m) + (1 - beta) KL(q||m), m = beta p + (1 - beta) q
         # log q/m = -log(1 - beta) - softplus(u + logit(beta)); log p/m = -log(beta) - softplus(-logit - u):
@@ -250,7 +268,7 @@ def terms(code: int, param: float, p, lq, q, u, normalized: bool = True, plain_s
         rq = F.softplus(u + logit_b).neg_()     # log q/m + log(1 - beta)
         rp = F.softplus(-logit_b - u).neg_()    # log p/m + log(beta)
         if normalized:  # sum p = sum q = 1
-            D = b * (sum_mul0(p, rp) - math.log(b)) + (1 - b) * (sum_mul0(q, rq) - math.log1p(-b))
+            D = b * (sum_mul0(p, rp, None, masks) - math.log(b)) + (1 - b) * (sum_mul0(q, rq, None, masks) - math.log1p(-b))
         else:
             D = b * sum_mul0(p, rp - math.log(b)) + (1 - b) * sum_mul0(q, rq - math.log1p(-b))
         r_s, r_t = rq.mul_(1 - b), rp.mul_(b)
@@ -269,7 +287,7 @@ def terms(code: int, param: float, p, lq, q, u, normalized: bool = True, plain_s
         w, v, uw = (p, q, u) if code == SKEW_KL else (q, p, -u)   # KL(w || a w + (1 - a) v)
         x = log_w_over_mix(uw, a)
         ratio = torch.exp(x)                                      # w / m
-        D = sum_mul0(w, x)
+        D = sum_mul0(w, x, None, masks)
         r_w, r_v = x - a * ratio, ratio.mul_(-(1 - a))
         r_t, r_s = (r_w, r_v) if code == SKEW_KL else (r_v, r_w)
     else:
@@ -302,6 +320,8 @@ def split_accurate(code: int, param: float, D, p, lq, q, u, plain=None) -> torch
     if D.device.type != "cpu":
         acc = accurate_divergence(code, param, p, lq, q, u)
         return acc if plain is None else torch.where(plain, D, acc)
+    if plain is None and float(D.amin()) >= ACCURATE_BELOW:  # one reduction answers for every row
+        return D
     low = (D.abs() < ACCURATE_BELOW).squeeze(-1)
     if plain is not None:
         low &= ~plain.squeeze(-1)
@@ -315,19 +335,20 @@ def split_accurate(code: int, param: float, D, p, lq, q, u, plain=None) -> torch
     return D
 
 
-def row_sum(w, r, tmp=None):
+def row_sum(w, r, tmp=None, masks: bool = True):
     """sum w r over the block's columns (0 where w == 0), keepdim; 0 when r is unused."""
-    return torch.zeros_like(w[..., :1]) if r is None else sum_mul0(w, r, tmp)
+    return torch.zeros_like(w[..., :1]) if r is None else sum_mul0(w, r, tmp, masks)
 
 
-def grad(w, v, c, r, G, out=None):
+def grad(w, v, c, r, G, out=None, masks: bool = True):
     """c (w - v) + w (r - G), G = sum w r over the whole row: the gradient w.r.t. the logits of
-    w = softmax (a term is 0 where w is, even when G is infinite). Into `out` when given."""
-    if r is None:
+    w = softmax (a term is 0 where w is, even when G is infinite). Into `out` when given.
+    masks=False: no zero-probability mask (see terms)."""
+    if r is None:  # (G unused: may be None)
         g = torch.sub(w, v, out=out)
         return g if c == 1.0 else g.mul_(c)
     g = torch.sub(r, G, out=out).mul_(w)
-    if not _cpu_all_finite(g):  # only then can a zero w meet an infinite r - G
+    if masks and not _cpu_all_finite(g):  # only then can a zero w meet an infinite r - G
         g.masked_fill_(w == 0, 0.0)
     return g.add_(w - v, alpha=c) if c else g
 

@@ -1,0 +1,141 @@
+"""The torch backend's size paths against the float64 reference, each case checked to have run
+the path it is about: kd_lean (whole-input plain sums; float64 up to TINY_INPUT elements; the
+op-by-op log-softmax below 16 classes), its careful branch (teacher close to student), its
+hand-off to kd_small (nearly one-hot rows: the whole input; NaN, infinities: those rows only),
+and the chunk loop beyond LEAN_INPUT. CPU only (kd_lean is a CPU path)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kdkernels.backends import torch_backend as tb
+from kdkernels.options import DIVERGENCES
+
+from conftest import assert_matches_reference, assert_tvd_grad_matches
+
+# (N, V): lean in float64, lean float64 below 16 classes, lean float32, lean float32 below 16
+# classes, lean float32 at a large vocabulary, and the chunk loop
+SIZES = [(16, 100), (64, 10), (64, 300), (700, 11), (3, 40000), (9, 33000)]
+REGIMES = ["random", "close", "peaked", "mixed"]
+
+
+@pytest.fixture
+def paths(monkeypatch):
+    """Records what ran: kd_lean's outcome per call ("lean" or "handed off") and the rows kd_small got."""
+    seen = {"lean": [], "small_rows": []}
+    lean, small = tb.kd_lean, tb.kd_small
+
+    def spy_lean(*args, **kwargs):
+        out = lean(*args, **kwargs)
+        seen["lean"].append("lean" if out is not None else "handed off")
+        return out
+
+    def spy_small(student, *args, **kwargs):
+        seen["small_rows"].append(student.shape[0])
+        return small(student, *args, **kwargs)
+    monkeypatch.setattr(tb, "kd_lean", spy_lean)
+    monkeypatch.setattr(tb, "kd_small", spy_small)
+    return seen
+
+
+def _inputs(N, V, regime, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(N, V, generator=g, dtype=torch.float64) * 2
+    t = s + 0.01 * torch.randn(N, V, generator=g, dtype=torch.float64) if regime in ("close", "peaked") \
+        else torch.randn(N, V, generator=g, dtype=torch.float64) * 2
+    y = torch.randint(0, V, (N,), generator=g)
+    y[::5] = -100
+    if regime == "mixed":  # row 1: NaN in the student; row 2: -inf teacher columns; row 0 (ignored): NaN
+        s[1, 3] = math.nan
+        t[2, :V // 3] = -math.inf
+        s[0, 0] = math.nan
+    return s.to(dtype), t.to(dtype), y
+
+
+def _expected_path(N, V, regime):
+    if N * V > tb.LEAN_INPUT:
+        return "chunks"
+    if regime == "peaked":  # float32 hands nearly one-hot rows off; float64 only if it needs to
+        return "handed off" if N * V > tb.TINY_INPUT else "either"
+    return "lean"
+
+
+@pytest.mark.parametrize("N,V", SIZES)
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_paths_match_reference(N, V, regime, divergence, paths):
+    T = 0.05 if regime == "peaked" else 4.0
+    s, t, y = _inputs(N, V, regime, seed=N * 7 + V)
+    kw = dict(temperature=T, divergence=divergence, beta=0.3, skew=0.2, hard_weight=0.5)
+    if divergence == "tvd":  # its gradients jump where p = q: the kink-aware comparison
+        assert_matches_reference(s, t, y, reduction="none", check_grads=False, **kw)
+        assert_tvd_grad_matches(s, t, y, soft_weight=0.5, teacher_grad=True, **kw)
+    else:
+        assert_matches_reference(s, t, y, soft_weight=0.5, teacher_grad=True, **kw)
+        assert_matches_reference(s, t, y, reduction="none", **kw)
+    expected = _expected_path(N, V, regime)
+    if expected == "chunks":
+        assert paths["lean"] == [] and paths["small_rows"] == []
+        return
+    if expected == "either":
+        assert len(paths["lean"]) == 2
+        return
+    assert set(paths["lean"]) == {expected}, paths
+    if expected == "handed off":  # the whole input, to kd_small or (above SMALL_INPUT) the chunk loop
+        assert paths["small_rows"] == ([N, N] if N * V <= tb.SMALL_INPUT else []), paths
+    elif regime == "mixed":
+        # row 1 (NaN) and, where -inf teacher logits make the plain forms non-finite, row 2; never
+        # row 0 (ignored) nor the whole input
+        assert paths["small_rows"] and set(paths["small_rows"]) <= {1, 2}, paths
+    else:
+        assert paths["small_rows"] == [], paths
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("N,V", [(64, 10), (64, 300)])
+def test_lean_dtypes(dtype, N, V, paths):
+    s, t, y = _inputs(N, V, "random", seed=3, dtype=dtype)
+    assert_matches_reference(s, t, y, temperature=2.0, hard_weight=0.5, teacher_grad=True)
+    assert set(paths["lean"]) == {"lean"}
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 3.0, 0.7])
+@pytest.mark.parametrize("V", [10, 300])
+def test_lean_temperatures_and_large_logits(temperature, V, paths):
+    """T = 1, a power of two (x / T exact) and others (the centred form), with logits offset by
+    1e4 (where x / T without centring would lose the spread)."""
+    s, t, y = _inputs(64, V, "random", seed=4)
+    assert_matches_reference(s + 1e4, t - 1e4, y, temperature=temperature, hard_weight=0.5)
+    assert set(paths["lean"]) == {"lean"}
+
+
+def test_lean_out_of_range_label_past_the_api_gives_nan_rows():
+    """kd_forward called without the API's check (an out-of-range label): kd_small's NaN row."""
+    s, t, y = _inputs(64, 300, "random", seed=5)
+    y[7] = 300
+    loss, grad, _ = tb.kd_forward(s, t, y, teacher_is_probs=False, temperature=1.0, divergence=0, beta=0.0,
+                                  soft_scale=1.0, hard_weight=0.5, ignore_index=-100, teacher_grad=False)
+    assert math.isnan(loss[7]) and bool(grad[7].isnan().all())
+    assert bool(torch.isfinite(loss[8:]).all())
+
+
+@pytest.mark.parametrize("reduction,normalizer", [("mean", None), ("sum", None), ("mean", 37.0)])
+def test_reduced_path_grad_output_and_second_backward(reduction, normalizer):
+    """The CPU eager path folds the reduction into the op (kdkernels.ops._KDReducedEager): a
+    grad_output != 1 scales the saved gradient, a second backward is refused, float64 allows it."""
+    s, t, y = _inputs(64, 300, "random", seed=6)
+    assert_matches_reference(s, t, y, temperature=2.0, hard_weight=0.5, reduction=reduction,
+                             normalizer=normalizer, grad_output=torch.tensor(-2.5, dtype=torch.float64))
+    import kdkernels
+    x = s.clone().requires_grad_()
+    loss = kdkernels.kd_loss(x, t, y, reduction=reduction, normalizer=normalizer, backend="torch")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="already backpropagated"):
+        loss.backward()
+    x64 = s.double().requires_grad_()
+    loss = kdkernels.kd_loss(x64, t.double(), y, reduction=reduction, normalizer=normalizer)
+    (g1,) = torch.autograd.grad(loss, x64, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, x64)
+    assert torch.equal(g1, g2)
