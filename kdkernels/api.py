@@ -124,13 +124,13 @@ def _options(values: tuple) -> KDOptions:
     return opts
 
 
-def _check_tensors(student_logits, teacher_logits, labels, teacher_probs, opts: KDOptions):
-    s = float_tensor("student_logits", student_logits)
+def _check_tensors(student_logits, teacher_logits, labels, teacher_probs, opts: KDOptions, compiling: bool):
+    s = float_tensor("student_logits", student_logits, compiling)
     if (teacher_logits is None) == (teacher_probs is None):
         raise ValueError("pass exactly one of teacher_logits and teacher_probs"
                          + (" (got both)" if teacher_logits is not None else " (got neither)"))
     t_name = "teacher_logits" if teacher_logits is not None else "teacher_probs"
-    t = float_tensor(t_name, teacher_logits if teacher_logits is not None else teacher_probs)
+    t = float_tensor(t_name, teacher_logits if teacher_logits is not None else teacher_probs, compiling)
     if t.shape != s.shape:
         what = "vocab sizes" if t.shape[:-1] == s.shape[:-1] else "shapes"
         raise ValueError(f"{t_name} and student_logits have different {what}: "
@@ -143,10 +143,10 @@ def _check_tensors(student_logits, teacher_logits, labels, teacher_probs, opts: 
     if teacher_probs is not None and (opts.teacher_logit_scale != 1.0 or opts.teacher_softcap is not None):
         raise ValueError("teacher_logit_scale / teacher_softcap transform teacher logits; they cannot be combined "
                          "with teacher_probs")
-    if (teacher_probs is not None and device.type == "cpu" and t.numel() and not torch.compiler.is_compiling()
+    if (teacher_probs is not None and device.type == "cpu" and t.numel() and not compiling
             and bool((t < 0).any())):  # checked where it costs no device sync; elsewhere such a row is NaN
         raise ValueError(f"teacher_probs must be >= 0, got {t[t < 0].flatten()[0].item()}")
-    bounds = check_labels(labels, s, opts)
+    bounds = check_labels(labels, s, opts, compiling=compiling)
     if opts.normalizer is not None:
         check_normalizer_device(opts, device)
     return s, t, bounds, device
@@ -162,8 +162,9 @@ def _kd_loss(student_logits, teacher_logits, labels, teacher_probs, opts: KDOpti
         loss, y = teachers.kd_rows(student_logits, teacher_logits, labels, teacher_probs, opts,
                                    topk_ids, topk_logprobs, teacher_weights)
         return reduce_rows(loss, y, student_logits.shape[:-1], opts)
-    s, t, bounds, device = _check_tensors(student_logits, teacher_logits, labels, teacher_probs, opts)
-    backend = _backend(opts, device, torch.float64 in (s.dtype, t.dtype))
+    compiling = torch.compiler.is_compiling()
+    s, t, bounds, device = _check_tensors(student_logits, teacher_logits, labels, teacher_probs, opts, compiling)
+    backend = _backend(opts, device, torch.float64 in (s.dtype, t.dtype), compiling)
     y = None if labels is None else labels if labels.dim() == 1 and labels.dtype == torch.int64 else \
         labels.reshape(-1).long()
     teacher_grad = t.requires_grad and torch.is_grad_enabled()
@@ -172,7 +173,7 @@ def _kd_loss(student_logits, teacher_logits, labels, teacher_probs, opts: KDOpti
     code, beta = opts.kernel_divergence
     args = (rows(s), rows(t), y, teacher_probs is not None, opts.temperature, code, beta, opts.soft_scale,
             opts.hard_weight, opts.ignore_index, teacher_grad, opts.transforms, backend)
-    if backend == "torch" and device.type == "cpu" and opts.host_reduction and ops.eager_call():
+    if backend == "torch" and not compiling and device.type == "cpu" and opts.host_reduction and ops.eager_call():
         # the reduction's denominator is a host number here: it folds into the op
         n_rows = s.numel() // s.shape[-1]
         return ops.kd_reduced_call(*args, denominator=_denominator(y, bounds, n_rows, opts), label_bounds=bounds)
@@ -180,10 +181,9 @@ def _kd_loss(student_logits, teacher_logits, labels, teacher_probs, opts: KDOpti
     return reduce_rows(loss, y, s.shape[:-1], opts)
 
 
-def _backend(opts: KDOptions, device: torch.device, float64: bool) -> str:
+def _backend(opts: KDOptions, device: torch.device, float64: bool, compiling: bool) -> str:
     """resolve() for these options (which backends have their divergence and transforms),
     memoised per options object, device and $KDKERNELS_BACKEND (only answers, not errors)."""
-    compiling = torch.compiler.is_compiling()
     key = None if compiling else (device, float64, os.environ.get(ENV_VAR))
     backend = None if compiling else opts.resolved.get(key)
     if backend is None:

@@ -247,15 +247,18 @@ def _check_options(*, temperature=1.0, divergence="kl", beta=0.5, skew=0.1, soft
 
 # ---- tensor checks shared by the entry points ------------------------------------------------
 
-def float_tensor(name: str, x) -> Tensor:
-    """x, checked: a float tensor of at least 1 dimension, not under a torch.func autodiff transform."""
+def float_tensor(name: str, x, compiling: bool | None = None) -> Tensor:
+    """x, checked: a float tensor of at least 1 dimension, not under a torch.func autodiff transform
+    (compiling: torch.compiler.is_compiling() if the caller has asked it already)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if x.dim() < 1:
         raise ValueError(f"{name} must have at least 1 dimension (..., V), got a 0-d tensor")
-    if not torch.compiler.is_compiling() and _under_functorch_autodiff(x):
+    if compiling is None:
+        compiling = torch.compiler.is_compiling()
+    if not compiling and _under_functorch_autodiff(x):
         raise RuntimeError(
             f"kdkernels does not support torch.func autodiff transforms (grad, vjp, jacrev, jacfwd, jvp, "
             f"hessian) or forward-mode AD ({name} is such a transform's tensor): its ops compute the gradient in "
@@ -285,7 +288,7 @@ def rows(x: Tensor) -> Tensor:
     return x2
 
 
-def check_labels(labels, s: Tensor, opts: KDOptions, name: str = "student_logits"):
+def check_labels(labels, s: Tensor, opts: KDOptions, name: str = "student_logits", compiling: bool | None = None):
     """labels: None or an integer tensor of shape s.shape[:-1] on s's device. On CPU tensors
     (where it costs no device sync) out-of-range labels raise; elsewhere they give NaN rows.
     Returns the labels' (min, max) as ints where they were read (CPU, eager), else None."""
@@ -302,7 +305,9 @@ def check_labels(labels, s: Tensor, opts: KDOptions, name: str = "student_logits
         device = labels.device
         if device != s.device:
             raise ValueError(f"labels is on {device} but {name} is on {s.device}")
-        if device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
+        if compiling is None:
+            compiling = torch.compiler.is_compiling()
+        if device.type == "cpu" and labels.numel() and not compiling:
             lo, hi = labels.aminmax()  # one pass; the detailed check only when something is outside
             lo, hi = int(lo), int(hi)
             if (lo < 0 or hi >= V) and bool(((labels != opts.ignore_index) & ((labels < 0) | (labels >= V))).any()):

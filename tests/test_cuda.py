@@ -69,6 +69,17 @@ def test_new_divergences_are_not_cuda_features_and_say_so(divergence):
         kdkernels.kd_loss(s, t, divergence=divergence, backend="cuda")
 
 
+@pytest.mark.parametrize("mode,tau", [(1, 1.0), (0, 2.0)])
+def test_topk_kernel_refuses_other_modes_with_a_value_error(mode, tau):
+    """cuda_backend.kd_topk_forward runs "full" at teacher_topk_temperature 1 only; called with
+    anything else (kdkernels.teachers never routes it there) it says so, before touching a GPU."""
+    s = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="teacher_topk_mode='full'"):
+        CB.kd_topk_forward(s, torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3), None, temperature=1.0,
+                           divergence=0, beta=0.0, soft_scale=1.0, hard_weight=0.0, ignore_index=-100,
+                           teacher_grad=False, mode=mode, teacher_temperature=tau)
+
+
 def test_auto_never_picks_cuda_on_cpu():
     s, t, _ = make_inputs((2, 7), torch.float32)
     assert torch.isfinite(kdkernels.kd_loss(s, t)).all()

@@ -121,7 +121,7 @@ def kd_topk_forward(student, ids, logprobs, labels, *, temperature, divergence, 
     memory, a pass writing the dense gradient, then the k ids' entries."""
     if mode != 0 or teacher_temperature != 1.0:  # kdkernels.teachers routes only "full" at tau = 1 here
         raise ValueError(f"{NAME} backend: top-k teachers in teacher_topk_mode='full' with teacher_topk_temperature=1 "
-                         f"only (got mode {mode}, teacher_topk_temperature={teacher_topk_temperature})")
+                         f"only (got mode {mode}, teacher_topk_temperature={teacher_temperature})")
     if ids.shape[-1] > TOPK_MAX_K:
         from . import torch_backend
         return torch_backend.kd_topk_forward(

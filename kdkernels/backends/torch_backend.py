@@ -218,45 +218,50 @@ TINY_INPUT = 1 << 12
 SMALL_INPUT = 1 << 16
 
 
-def _tempered_stats(x, inv_t: float, hard: bool = False):
-    """(y, log_softmax(x / T), softmax(x / T), centred) of a float block along the last dim, y the
-    tempered logits the log-softmax was taken of (centred: max y = 0 in every row), plus, if
-    `hard`, the log-softmax and softmax at T = 1 (else None, None). ATen's fused CPU log-softmax
-    is ~4x slower per row below 16 classes (measured, torch 2.13: 151 vs 42 us at 1024 x 10):
-    there it is the centred statistics op by op (sharing the max between the two temperatures).
-    Elsewhere the fused op, on x / T where that scaling is exact (T = 1 or a power of two), else
-    on the centred (x - max x) / T, whose rounding is relative to the spread, not to |x|."""
+def _tempered(x, inv_t: float):
+    """(y, centred): the tempered logits a log-softmax is taken of. x / T where that scaling is
+    exact (T = 1 or a power of two), else the centred (x - max x) / T (max y = 0 in every row),
+    whose rounding is relative to the spread, not to |x|."""
+    if inv_t == 1.0:
+        return x, False
+    if math.frexp(inv_t)[0] == 0.5:  # a power of two
+        return x * inv_t, False
+    return (x - x.amax(-1, keepdim=True)).mul_(inv_t), True
+
+
+def _log_softmax_pair(x, inv_t: float, hard: bool = False):
+    """(log_softmax(x / T), softmax(x / T), l1, q1) of a float block along the last dim, with, if
+    `hard` and T != 1, l1 the log-softmax at T = 1 and q1 its softmax or None (then exp l1 in place
+    once it has been read); else None, None. ATen's fused CPU log-softmax is ~4x slower per row
+    below 16 classes (measured, torch 2.13: 151 vs 42 us at 1024 x 10): there it is the centred
+    statistics op by op, sharing the max between the two temperatures. Elsewhere the fused op,
+    its softmax written over the tempered copy (one buffer fewer)."""
     if x.shape[-1] < 16:
         z1 = torch.sub(x, x.amax(-1, keepdim=True))
 
         def stats(z):
             e = torch.exp(z)
             d = e.sum(-1, keepdim=True)
-            return z - d.log(), e.div_(d)
-        y = z1 if inv_t == 1.0 else z1 * inv_t
-        return (y, *stats(y), True) + (stats(z1) if hard and inv_t != 1.0 else (None, None))
-    centred = False
-    if inv_t == 1.0:
-        y = x
-    elif math.frexp(inv_t)[0] == 0.5:  # a power of two
-        y = x * inv_t
-    else:
-        y, centred = (x - x.amax(-1, keepdim=True)).mul_(inv_t), True
+            return z.sub_(d.log()), e.div_(d)
+        if inv_t == 1.0:
+            return stats(z1) + (None, None)
+        return stats(z1 * inv_t) + (stats(z1) if hard else (None, None))
+    y, _ = _tempered(x, inv_t)
     lp = torch.log_softmax(y, -1)
-    if hard and inv_t != 1.0:
-        l1 = torch.log_softmax(x, -1)
-        return y, lp, lp.exp(), centred, l1, l1.exp()
-    return y, lp, lp.exp(), centred, None, None
+    p = lp.exp() if y is x else torch.exp(lp, out=y)
+    return lp, p, (torch.log_softmax(x, -1) if hard and inv_t != 1.0 else None), None
 
 
-def _careful_log_ratio(ys, s_centred, yt, t_centred):
+def _careful_log_ratio(xs, xt, inv_t: float):
     """u = log p - log q in torch_math.log_ratio's form, (z_t - z_s) - (log d_t - log d_s) with
-    z = y - max y and log d summed by torch.sum (pairwise: the fused log-softmax's own sum is
-    less accurate at large V), whose rounding is relative to |z_t - z_s| where lt - ls carries
+    z = (x - max x) / T and log d summed by torch.sum (pairwise: the fused log-softmax's own sum
+    is less accurate at large V): its rounding is relative to |z_t - z_s| where lt - ls carries
     eps |log p| per entry (which decides a divergence many orders below its terms). None if a
     row is nearly one-hot (log d below torch_math.NEAR_ONE_HOT, where log d needs log1p)."""
-    zs = ys if s_centred else ys - ys.amax(-1, keepdim=True)
-    zt = yt if t_centred else yt - yt.amax(-1, keepdim=True)
+    def centred(x):
+        y, is_centred = _tempered(x, inv_t)
+        return y if is_centred else y - y.amax(-1, keepdim=True)
+    zs, zt = centred(xs), centred(xt)
     log_ds = torch.exp(zs).sum(-1, keepdim=True).log_()
     log_dt = torch.exp(zt).sum(-1, keepdim=True).log_()
     if bool((torch.minimum(log_ds, log_dt) < M.NEAR_ONE_HOT).any()):  # (a NaN row is redone anyway)
@@ -292,18 +297,20 @@ def kd_lean(student, teacher, labels, *, temperature, divergence, beta, soft_sca
             if int(lo) < 0 or int(hi) >= V:  # an out-of-range label: kd_small's NaN row
                 return None
     hard = y is not None and hard_weight != 0
-    xs, xt = student.to(acc), teacher.to(acc)
-    ys, ls, q, s_centred, l1, q1 = _tempered_stats(xs, inv_t, hard)
-    yt, lt, p, t_centred, _, _ = _tempered_stats(xt, inv_t)
-    u = lt - ls
-    D, (c_s, r_s), (c_t, r_t) = M.terms(divergence, beta, p, ls, q, u, masks=False)
+    xs = student if student.dtype == acc else student.to(acc)
+    xt = teacher if teacher.dtype == acc else teacher.to(acc)
+    ls, q, l1, q1 = _log_softmax_pair(xs, inv_t, hard)
+    lt, p, _, _ = _log_softmax_pair(xt, inv_t)
+    u = torch.sub(lt, ls, out=lt)
+    dS = torch.empty_like(q)  # the gradient; first the products' scratch
+    D, (c_s, r_s), (c_t, r_t) = M.terms(divergence, beta, p, ls, q, u, tmp=dS, masks=False)
     lo, hi = D.aminmax()
     if not float(lo) >= (M.ACCURATE_BELOW if acc == torch.float32 else 1e-9):  # (or NaN)
-        u = _careful_log_ratio(ys, s_centred, yt, t_centred)
+        u = _careful_log_ratio(xs, xt, inv_t)
         if u is None:
             return None  # a nearly one-hot row: kd_small's log d = log1p(the rest) is exact there
         if divergence != M.SOFT_CE:  # (soft_ce's plain sum cannot cancel)
-            D, (c_s, r_s), (c_t, r_t) = M.terms(divergence, beta, p, ls, q, u, masks=False)
+            D, (c_s, r_s), (c_t, r_t) = M.terms(divergence, beta, p, ls, q, u, tmp=dS, masks=False)
             if divergence in M.CANCELLING:
                 D = M.accurate_divergence(divergence, beta, p, ls, q, u, masks=False)
             lo, hi = D.aminmax()
@@ -311,11 +318,13 @@ def kd_lean(student, teacher, labels, *, temperature, divergence, beta, soft_sca
     D = D.squeeze(-1)
     row_loss = D * soft_scale
     g_scale = soft_scale * inv_t
-    dS = M.grad(q, p, c_s, r_s, None if r_s is None else M.sum_mul0(q, r_s, None, False), masks=False).mul_(g_scale)
+    G = None if r_s is None else M.sum_mul0(q, r_s, None, False)
+    M.grad(q, p, c_s, r_s, G, out=dS, masks=False).mul_(g_scale)
     if hard:
         l1, q1 = (ls, q) if l1 is None else (l1, q1)
         row_loss.add_(F.nll_loss(l1, y, reduction="none"), alpha=hard_weight)
-        dS.add_(q1, alpha=hard_weight).scatter_(-1, y.unsqueeze(-1), -hard_weight, reduce="add")
+        dS.add_(l1.exp_() if q1 is None else q1, alpha=hard_weight).scatter_(-1, y.unsqueeze(-1), -hard_weight,
+                                                                             reduce="add")
     dT = None
     if teacher_grad:
         dT = M.grad(p, q, c_t, r_t, None if r_t is None else M.sum_mul0(p, r_t, None, False), masks=False)
@@ -341,7 +350,8 @@ def kd_lean(student, teacher, labels, *, temperature, divergence, beta, soft_sca
         if teacher_grad:
             dT.masked_fill_(ignored.unsqueeze(-1), 0.0)
     grad_t = dT.to(teacher.dtype) if teacher_grad else torch.empty((0,), dtype=teacher.dtype)
-    return row_loss.to(out_acc), dS.to(student.dtype), grad_t
+    row_loss = row_loss if acc == out_acc else row_loss.to(out_acc)
+    return row_loss, (dS if acc == student.dtype else dS.to(student.dtype)), grad_t
 
 
 # CPU inputs of logits up to this many elements (one chunk) take kd_lean.
