@@ -304,8 +304,8 @@ def kd_lean(student, teacher, labels, *, temperature, divergence, beta, soft_sca
     u = torch.sub(lt, ls, out=lt)
     dS = torch.empty_like(q)  # the gradient; first the products' scratch
     D, (c_s, r_s), (c_t, r_t) = M.terms(divergence, beta, p, ls, q, u, tmp=dS, masks=False)
-    lo, hi = D.aminmax()
-    if not float(lo) >= (M.ACCURATE_BELOW if acc == torch.float32 else 1e-9):  # (or NaN)
+    lo, hi = (float(b) for b in D.aminmax())
+    if not lo >= (M.ACCURATE_BELOW if acc == torch.float32 else 1e-9):  # (or NaN)
         u = _careful_log_ratio(xs, xt, inv_t)
         if u is None:
             return None  # a nearly one-hot row: kd_small's log d = log1p(the rest) is exact there
@@ -313,8 +313,8 @@ def kd_lean(student, teacher, labels, *, temperature, divergence, beta, soft_sca
             D, (c_s, r_s), (c_t, r_t) = M.terms(divergence, beta, p, ls, q, u, tmp=dS, masks=False)
             if divergence in M.CANCELLING:
                 D = M.accurate_divergence(divergence, beta, p, ls, q, u, masks=False)
-            lo, hi = D.aminmax()
-    finite = -math.inf < float(lo) and float(hi) < math.inf  # then so is every row's loss and gradient
+            lo, hi = (float(b) for b in D.aminmax())
+    finite = -math.inf < lo and hi < math.inf  # then so is every row's loss and gradient
     D = D.squeeze(-1)
     row_loss = D * soft_scale
     g_scale = soft_scale * inv_t
