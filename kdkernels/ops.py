@@ -146,16 +146,21 @@ def scale_in_place(ctx, saved: Tensor) -> bool:
     return ctx.consumed
 
 
-def _kd_backward(ctx, grad_loss, _grad_gs, _grad_gt):
-    if grad_loss is None:  # the loss was not used (grads are not materialised)
-        return (None,) * 13
+def scaled_saved_grads(ctx, scale: Tensor, teacher_input: int) -> tuple:
+    """The backward of the ops that save (grad_s, grad_t): both scaled by `scale` (per row [N, 1]
+    or 0-d), each only where its input needs it (the teacher's is input `teacher_input`)."""
     begin_backward(ctx)
     grad_s, grad_t = ctx.saved_tensors
     inplace = scale_in_place(ctx, grad_s)
-    scale = grad_loss.unsqueeze(-1)
     gs = scale_grad(grad_s, scale, inplace) if ctx.needs_input_grad[0] else None
-    gt = scale_grad(grad_t, scale, inplace) if ctx.teacher_grad and ctx.needs_input_grad[1] else None
-    return (gs, gt) + (None,) * 11
+    gt = scale_grad(grad_t, scale, inplace) if ctx.teacher_grad and ctx.needs_input_grad[teacher_input] else None
+    return gs, gt
+
+
+def _kd_backward(ctx, grad_loss, _grad_gs, _grad_gt):
+    if grad_loss is None:  # the loss was not used (grads are not materialised)
+        return (None,) * 13
+    return scaled_saved_grads(ctx, grad_loss.unsqueeze(-1), 1) + (None,) * 11
 
 
 torch.library.register_autograd("kdkernels::kd_fused", _kd_backward, setup_context=_kd_setup_context)
@@ -213,12 +218,7 @@ class _KDReducedEager(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total):
-        begin_backward(ctx)
-        grad_s, grad_t = ctx.saved_tensors
-        inplace = scale_in_place(ctx, grad_s)
-        gs = scale_grad(grad_s, grad_total, inplace) if ctx.needs_input_grad[0] else None
-        gt = scale_grad(grad_t, grad_total, inplace) if ctx.teacher_grad and ctx.needs_input_grad[1] else None
-        return gs, gt, None, None
+        return scaled_saved_grads(ctx, grad_total, 1) + (None, None)
 
 
 def kd_reduced_call(student, teacher, labels, *params, denominator: float, label_bounds=None):
@@ -357,12 +357,7 @@ def _(student, ids, logprobs, labels, temperature, divergence, beta, soft_scale,
 def _topk_backward(ctx, grad_loss, _grad_gs, _grad_gt):
     if grad_loss is None:  # the loss was not used (_kd_setup_context does not materialise grads)
         return (None,) * 14
-    begin_backward(ctx)
-    grad_s, grad_t = ctx.saved_tensors
-    inplace = scale_in_place(ctx, grad_s)
-    scale = grad_loss.unsqueeze(-1)
-    gs = scale_grad(grad_s, scale, inplace) if ctx.needs_input_grad[0] else None
-    gt = scale_grad(grad_t, scale, inplace) if ctx.teacher_grad and ctx.needs_input_grad[2] else None
+    gs, gt = scaled_saved_grads(ctx, grad_loss.unsqueeze(-1), 2)
     return (gs, None, gt) + (None,) * 11
 
 
