@@ -10,7 +10,8 @@ from torch import Tensor, nn
 from . import ops, teachers
 from .backends import ENV_VAR, resolve
 from .options import (DIVERGENCES, KDOptions, check_backend, check_labels, check_normalizer_device,
-                      check_options, float_tensor, reduce_rows, rows)
+                      check_options, float_tensor, host_denominator, options_for, reduce_rows,
+                      rows)
 
 __all__ = ["kd_loss", "KDLoss", "tempered_softmax", "tempered_log_softmax"]
 
@@ -95,33 +96,16 @@ def kd_loss(
     values = (temperature, divergence, beta, skew, soft_weight, hard_weight, t_squared, ignore_index, reduction,
               normalizer, backend, inplace, teacher_topk_mode, teacher_topk_temperature, student_logit_scale,
               student_softcap, teacher_logit_scale, teacher_softcap)
-    return _kd_loss(student_logits, teacher_logits, labels, teacher_probs, _options(values),
+    opts = options_for(_OPTION_NAMES, values, normalizer)
+    return _kd_loss(student_logits, teacher_logits, labels, teacher_probs, opts,
                     teacher_topk_ids, teacher_topk_logprobs, teacher_weights)
 
 
-# kd_loss's validated options by argument values (check_options's cache, without building its keyword
-# arguments: per call, about a microsecond instead of several at classification sizes).
+# kd_loss's option arguments in the order it passes them to options_for.
 _OPTION_NAMES = ("temperature", "divergence", "beta", "skew", "soft_weight", "hard_weight", "t_squared",
                  "ignore_index", "reduction", "normalizer", "backend", "inplace", "teacher_topk_mode",
                  "teacher_topk_temperature", "student_logit_scale", "student_softcap", "teacher_logit_scale",
                  "teacher_softcap")
-_OPTIONS: dict = {}
-
-
-def _options(values: tuple) -> KDOptions:
-    if torch.compiler.is_compiling() or isinstance(values[9], Tensor):  # (a tensor normalizer: checked each call)
-        return check_options(**dict(zip(_OPTION_NAMES, values)))
-    key = (values, tuple(map(type, values)))  # the types too: 1, 1.0 and True are equal keys
-    try:
-        opts = _OPTIONS.get(key)
-    except TypeError:  # an unhashable argument: check_options reports it
-        return check_options(**dict(zip(_OPTION_NAMES, values)))
-    if opts is None:
-        opts = check_options(**dict(zip(_OPTION_NAMES, values)))
-        if len(_OPTIONS) >= 256:
-            _OPTIONS.clear()
-        _OPTIONS[key] = opts
-    return opts
 
 
 def _check_tensors(student_logits, teacher_logits, labels, teacher_probs, opts: KDOptions, compiling: bool):
@@ -176,7 +160,7 @@ def _kd_loss(student_logits, teacher_logits, labels, teacher_probs, opts: KDOpti
     if backend == "torch" and not compiling and device.type == "cpu" and opts.host_reduction and ops.eager_call():
         # the reduction's denominator is a host number here: it folds into the op
         n_rows = s.numel() // s.shape[-1]
-        return ops.kd_reduced_call(*args, denominator=_denominator(y, bounds, n_rows, opts), label_bounds=bounds)
+        return ops.kd_reduced_call(*args, denominator=host_denominator(y, bounds, n_rows, opts), label_bounds=bounds)
     loss, _, _ = ops.kd_fused_call(*args)
     return reduce_rows(loss, y, s.shape[:-1], opts)
 
@@ -213,18 +197,6 @@ def _kd_inplace(s, t, y, teacher_is_probs: bool, teacher_grad: bool, backend: st
                            hard_weight=opts.hard_weight, ignore_index=opts.ignore_index,
                            teacher_grad=teacher_grad)
     return reduce_rows(loss, y, s.shape[:-1], opts)
-
-
-def _denominator(y, bounds, n_rows: int, opts: KDOptions) -> float:
-    """reduce_total's denominator as a host number (CPU labels, whose (min, max) check_labels
-    returned as `bounds`): the normalizer, 1 for "sum", else the number of counted rows (at least 1)."""
-    if opts.normalizer is not None:
-        return opts.normalizer
-    if opts.reduction == "sum":
-        return 1.0
-    if y is None or (bounds is not None and not bounds[0] <= opts.ignore_index <= bounds[1]):
-        return max(n_rows, 1)
-    return max(int((y != opts.ignore_index).sum()), 1)
 
 
 class KDLoss(nn.Module):

@@ -8,7 +8,6 @@ re-validates. The divergence table feeds the argument check, the reference
 """
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 from dataclasses import dataclass, replace
@@ -163,21 +162,32 @@ TOPK_MODES = ("full", "renormalized", "tail")
 def check_options(**kwargs) -> KDOptions:
     """Validate the scalar options shared by every KD entry point; returns them as a KDOptions.
     Keyword arguments: the KDOptions fields. The same plain arguments give the same (immutable)
-    object from a small cache: per call, validation is then a dictionary lookup (keyed in the
-    caller's argument order: a call site always passes them in the same one)."""
-    if isinstance(kwargs.get("normalizer"), Tensor) or torch.compiler.is_compiling():
-        return _check_options(**kwargs)
+    object from a small cache (options_for)."""
+    return options_for(tuple(kwargs), tuple(kwargs.values()), kwargs.get("normalizer"))
+
+
+def options_for(names: tuple, values: tuple, normalizer=None) -> KDOptions:
+    """check_options(**dict(zip(names, values))), for callers with the arguments at hand as
+    tuples (kd_loss: then no keyword dictionary is built per call); `normalizer` is the
+    normalizer among them (a tensor one is checked on every call). Per call, validation is one
+    lookup keyed by the names, the values and their types (1, 1.0 and True are equal keys; a
+    call site passes its names in one order)."""
+    if isinstance(normalizer, Tensor) or torch.compiler.is_compiling():
+        return _check_options(**dict(zip(names, values)))
+    key = (names, values, tuple(map(type, values)))
     try:
-        key = tuple([(k, type(v), v) for k, v in kwargs.items()])  # type: 1 and True hash alike
-        hash(key)
+        opts = _OPTIONS_CACHE.get(key)
     except TypeError:  # an unhashable argument: validate it (and report it) the long way
-        return _check_options(**kwargs)
-    return _check_options_cached(key)
+        return _check_options(**dict(zip(names, values)))
+    if opts is None:
+        opts = _check_options(**dict(zip(names, values)))
+        if len(_OPTIONS_CACHE) >= 256:
+            _OPTIONS_CACHE.clear()
+        _OPTIONS_CACHE[key] = opts
+    return opts
 
 
-@functools.lru_cache(maxsize=256)
-def _check_options_cached(key) -> KDOptions:
-    return _check_options(**{k: v for k, _, v in key})
+_OPTIONS_CACHE: dict = {}  # options_for's key -> KDOptions
 
 
 def _check_options(*, temperature=1.0, divergence="kl", beta=0.5, skew=0.1, soft_weight=1.0, hard_weight=0.0,
@@ -345,3 +355,16 @@ def reduce_total(total: Tensor, y: Tensor | None, n_rows: int, opts: KDOptions) 
         return total / max(n_rows, 1)
     count = (y != opts.ignore_index).sum().clamp_(min=1)  # a tensor: no host sync
     return total / count.to(total.dtype)
+
+
+def host_denominator(y: Tensor | None, bounds, n_rows: int, opts: KDOptions) -> float:
+    """reduce_total's denominator as a host number, for CPU labels whose (min, max) check_labels
+    returned as `bounds` (None: not read): the normalizer, 1 for "sum", else the number of
+    counted rows (at least 1)."""
+    if opts.normalizer is not None:
+        return opts.normalizer
+    if opts.reduction == "sum":
+        return 1.0
+    if y is None or (bounds is not None and not bounds[0] <= opts.ignore_index <= bounds[1]):
+        return max(n_rows, 1)
+    return max(int((y != opts.ignore_index).sum()), 1)
