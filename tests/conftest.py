@@ -150,7 +150,11 @@ def assert_matches_reference(student, teacher, labels=None, *, teacher_is_probs=
     if not check_grads:
         return loss, ref
     if grad_output is None:
-        grad_output = torch.randn(ref.shape, dtype=torch.float64) * 0.5 + 1.3 if ref.dim() else torch.tensor(1.7, dtype=torch.float64)
+        # from a generator of its own: the same inputs get the same grad_output (hypothesis replays a
+        # failing example and calls a result that changes between calls flaky)
+        g = torch.Generator().manual_seed(student.numel())
+        grad_output = torch.randn(ref.shape, dtype=torch.float64, generator=g) * 0.5 + 1.3 if ref.dim() \
+            else torch.tensor(1.7, dtype=torch.float64)
     (loss * grad_output.to(loss.device, loss.dtype)).sum().backward()
     (ref * grad_output.to(ref.device)).sum().backward()
     checks = [("student grad", s, s64)] + ([("teacher grad", t, t64)] if teacher_grad else [])
@@ -166,10 +170,15 @@ def assert_matches_reference(student, teacher, labels=None, *, teacher_is_probs=
         # a gradient beyond the dtype's range (e.g. dL/dP at a tiny float16 probability) is inf there;
         # the gradient is saved before the scaling by grad_output / denominator, so an entry whose
         # unscaled value may pass the range is not compared (documented float16 limitation)
-        fmax = torch.finfo(x.dtype).max
-        expected = torch.where(expected.abs() > fmax, expected.sign() * math.inf, expected)
+        # round to nearest: a value overflows to inf past fmax + half an ulp (65520 in float16), and
+        # one within the gradient tolerance of that threshold may round either way (not compared)
+        info = torch.finfo(x.dtype)
+        fmax = info.max
+        overflow = fmax + 2.0 ** math.floor(math.log2(fmax)) * info.eps / 2
+        near = (expected.abs() > overflow * (1 - grad_rtol)) & (expected.abs() < overflow * (1 + grad_rtol))
+        expected = torch.where(expected.abs() >= overflow, expected.sign() * math.inf, expected)
         unscaled_max = expected.abs() * term_scales["denominator"] / max(term_scales["min_grad_output"], 1e-30)
-        unsure = torch.isfinite(expected) & (unscaled_max > fmax)
+        unsure = torch.isfinite(expected) & (unscaled_max > fmax) | near
         expected = torch.where(unsure, math.nan, expected)
         x.grad = torch.where(unsure.to(x.grad.device), math.nan, x.grad.double()).to(x.grad.dtype)
         # A row whose loss is +inf (reverse_kl where p = 0 < q) has a gradient of tiny * inf
