@@ -101,6 +101,20 @@ def test_lean_dtypes(dtype, N, V, paths):
     assert set(paths["lean"]) == {"lean"}
 
 
+@pytest.mark.parametrize("s_dtype,t_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16),
+                                              (torch.float64, torch.float32)], ids=str)
+@pytest.mark.parametrize("temperature,hard", [(2.0, 0.5), (1.0, 0.5), (3.0, 0.0)])
+@pytest.mark.parametrize("N,V", [(64, 10), (700, 11), (64, 300)])
+def test_lean_mixed_dtypes(s_dtype, t_dtype, temperature, hard, N, V, paths):
+    """Student and teacher of different dtypes, with and without the hard term, at T = 1 and not:
+    the stacked log-softmaxes of tiny inputs below 16 classes (two or three rows of the stack),
+    the op-by-op ones of float32 inputs below 16 classes and the fused ones."""
+    s, t, y = _inputs(N, V, "random", seed=5)
+    assert_matches_reference(s.to(s_dtype), t.to(t_dtype), y, temperature=temperature, hard_weight=hard,
+                             teacher_grad=True)
+    assert set(paths["lean"]) == {"lean"}
+
+
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 3.0, 0.7])
 @pytest.mark.parametrize("V", [10, 300])
 def test_lean_temperatures_and_large_logits(temperature, V, paths):

@@ -252,6 +252,28 @@ def _log_softmax_pair(x, inv_t: float, hard: bool = False):
     return lp, p, (torch.log_softmax(x, -1) if hard and inv_t != 1.0 else None), None
 
 
+def _stacked_log_softmaxes(student, teacher, inv_t: float, hard: bool, acc: torch.dtype):
+    """_log_softmax_pair of the student and of the teacher for a tiny input below 16 classes
+    (copied into float64 anyway): (ls, q, lt, p, l1, q1) from one stacked (2 or 3, N, V) copy
+    whose every op serves the two or three log-softmaxes at once (at T != 1 with `hard` the third
+    is the student's at T = 1; else l1, q1 are ls, q). 64 x 10 and 256 x 10: 8-9 us less than
+    op by op on each; above TINY_INPUT (float32, no copy needed) the stacked copy is an extra
+    pass that costs more than the ops it saves (+5 % at 1024 x 10)."""
+    three = hard and inv_t != 1.0
+    parts = (student, teacher, student) if three else (student, teacher)
+    S = torch.stack(parts if student.dtype == teacher.dtype else tuple(x.to(acc) for x in parts))
+    S = S if S.dtype == acc else S.to(acc)
+    S.sub_(S.amax(-1, keepdim=True))
+    if inv_t != 1.0:
+        S[:2].mul_(inv_t)
+    E = torch.exp(S)
+    d = E.sum(-1, keepdim=True)
+    L = S.sub_(d.log())
+    E.div_(d)
+    k = 2 if three else 0
+    return L[0], E[0], L[1], E[1], L[k], E[k]
+
+
 def _careful_log_ratio(xs, xt, inv_t: float):
     """u = log p - log q in torch_math.log_ratio's form, (z_t - z_s) - (log d_t - log d_s) with
     z = (x - max x) / T and log d summed by torch.sum (pairwise: the fused log-softmax's own sum
@@ -297,16 +319,17 @@ def kd_lean(student, teacher, labels, *, temperature, divergence, beta, soft_sca
             if int(lo) < 0 or int(hi) >= V:  # an out-of-range label: kd_small's NaN row
                 return None
     hard = y is not None and hard_weight != 0
-    xs = student if student.dtype == acc else student.to(acc)
-    xt = teacher if teacher.dtype == acc else teacher.to(acc)
-    ls, q, l1, q1 = _log_softmax_pair(xs, inv_t, hard)
-    lt, p, _, _ = _log_softmax_pair(xt, inv_t)
+    if V < 16 and N * V <= TINY_INPUT:
+        ls, q, lt, p, l1, q1 = _stacked_log_softmaxes(student, teacher, inv_t, hard, acc)
+    else:
+        ls, q, l1, q1 = _log_softmax_pair(student if student.dtype == acc else student.to(acc), inv_t, hard)
+        lt, p, _, _ = _log_softmax_pair(teacher if teacher.dtype == acc else teacher.to(acc), inv_t)
     u = torch.sub(lt, ls, out=lt)
     dS = torch.empty_like(q)  # the gradient; first the products' scratch
     D, (c_s, r_s), (c_t, r_t) = M.terms(divergence, beta, p, ls, q, u, tmp=dS, masks=False)
     lo, hi = (float(b) for b in D.aminmax())
     if not lo >= (M.ACCURATE_BELOW if acc == torch.float32 else 1e-9):  # (or NaN)
-        u = _careful_log_ratio(xs, xt, inv_t)
+        u = _careful_log_ratio(student.to(acc), teacher.to(acc), inv_t)
         if u is None:
             return None  # a nearly one-hot row: kd_small's log d = log1p(the rest) is exact there
         if divergence != M.SOFT_CE:  # (soft_ce's plain sum cannot cancel)
