@@ -16,7 +16,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
-import torch.nn.functional as F
 
 from . import DIVERGENCES
 from . import torch_math as M
@@ -345,9 +344,9 @@ def kd_lean(student, teacher, labels, *, temperature, divergence, beta, soft_sca
     M.grad(q, p, c_s, r_s, G, out=dS, masks=False).mul_(g_scale)
     if hard:
         l1, q1 = (ls, q) if l1 is None else (l1, q1)
-        row_loss.add_(F.nll_loss(l1, y, reduction="none"), alpha=hard_weight)
-        dS.add_(l1.exp_() if q1 is None else q1, alpha=hard_weight).scatter_(-1, y.unsqueeze(-1), -hard_weight,
-                                                                             reduce="add")
+        yi = y.unsqueeze(-1)  # (a gather, not nll_loss: that opens a parallel region at any size)
+        row_loss.sub_(l1.gather(-1, yi).squeeze(-1), alpha=hard_weight)
+        dS.add_(l1.exp_() if q1 is None else q1, alpha=hard_weight).scatter_(-1, yi, -hard_weight, reduce="add")
     dT = None
     if teacher_grad:
         dT = M.grad(p, q, c_t, r_t, None if r_t is None else M.sum_mul0(p, r_t, None, False), masks=False)
