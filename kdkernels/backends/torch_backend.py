@@ -228,6 +228,14 @@ def _tempered(x, inv_t: float):
     return (x - x.amax(-1, keepdim=True)).mul_(inv_t), True
 
 
+def _centred_log_softmax_(z):
+    """(log_softmax(z), softmax(z)) along the last dim, op by op, of centred z (max 0 in every
+    row), the log-softmax written over z."""
+    e = torch.exp(z)
+    d = e.sum(-1, keepdim=True)
+    return z.sub_(d.log()), e.div_(d)
+
+
 def _log_softmax_pair(x, inv_t: float, hard: bool = False):
     """(log_softmax(x / T), softmax(x / T), l1, q1) of a float block along the last dim, with, if
     `hard` and T != 1, l1 the log-softmax at T = 1 and q1 its softmax or None (then exp l1 in place
@@ -237,14 +245,9 @@ def _log_softmax_pair(x, inv_t: float, hard: bool = False):
     its softmax written over the tempered copy (one buffer fewer)."""
     if x.shape[-1] < 16:
         z1 = torch.sub(x, x.amax(-1, keepdim=True))
-
-        def stats(z):
-            e = torch.exp(z)
-            d = e.sum(-1, keepdim=True)
-            return z.sub_(d.log()), e.div_(d)
         if inv_t == 1.0:
-            return stats(z1) + (None, None)
-        return stats(z1 * inv_t) + (stats(z1) if hard else (None, None))
+            return _centred_log_softmax_(z1) + (None, None)
+        return _centred_log_softmax_(z1 * inv_t) + (_centred_log_softmax_(z1) if hard else (None, None))
     y, _ = _tempered(x, inv_t)
     lp = torch.log_softmax(y, -1)
     p = lp.exp() if y is x else torch.exp(lp, out=y)
@@ -265,10 +268,7 @@ def _stacked_log_softmaxes(student, teacher, inv_t: float, hard: bool, acc: torc
     S.sub_(S.amax(-1, keepdim=True))
     if inv_t != 1.0:
         S[:2].mul_(inv_t)
-    E = torch.exp(S)
-    d = E.sum(-1, keepdim=True)
-    L = S.sub_(d.log())
-    E.div_(d)
+    L, E = _centred_log_softmax_(S)
     k = 2 if three else 0
     return L[0], E[0], L[1], E[1], L[k], E[k]
 
@@ -319,16 +319,18 @@ def kd_lean(student, teacher, labels, *, temperature, divergence, beta, soft_sca
                 return None
     hard = y is not None and hard_weight != 0
     if V < 16 and N * V <= TINY_INPUT:
+        xs, xt = student, teacher
         ls, q, lt, p, l1, q1 = _stacked_log_softmaxes(student, teacher, inv_t, hard, acc)
     else:
-        ls, q, l1, q1 = _log_softmax_pair(student if student.dtype == acc else student.to(acc), inv_t, hard)
-        lt, p, _, _ = _log_softmax_pair(teacher if teacher.dtype == acc else teacher.to(acc), inv_t)
+        xs, xt = student.to(acc), teacher.to(acc)  # (no copy where already acc)
+        ls, q, l1, q1 = _log_softmax_pair(xs, inv_t, hard)
+        lt, p, _, _ = _log_softmax_pair(xt, inv_t)
     u = torch.sub(lt, ls, out=lt)
     dS = torch.empty_like(q)  # the gradient; first the products' scratch
     D, (c_s, r_s), (c_t, r_t) = M.terms(divergence, beta, p, ls, q, u, tmp=dS, masks=False)
     lo, hi = (float(b) for b in D.aminmax())
     if not lo >= (M.ACCURATE_BELOW if acc == torch.float32 else 1e-9):  # (or NaN)
-        u = _careful_log_ratio(student.to(acc), teacher.to(acc), inv_t)
+        u = _careful_log_ratio(xs.to(acc), xt.to(acc), inv_t)  # (converted once)
         if u is None:
             return None  # a nearly one-hot row: kd_small's log d = log1p(the rest) is exact there
         if divergence != M.SOFT_CE:  # (soft_ce's plain sum cannot cancel)
