@@ -268,9 +268,8 @@ def _stacked_log_softmaxes(student, teacher, inv_t: float, hard: bool, acc: torc
     S.sub_(S.amax(-1, keepdim=True))
     if inv_t != 1.0:
         S[:2].mul_(inv_t)
-    L, E = _centred_log_softmax_(S)
-    k = 2 if three else 0
-    return L[0], E[0], L[1], E[1], L[k], E[k]
+    (ls, lt, *l1), (q, p, *q1) = (x.unbind(0) for x in _centred_log_softmax_(S))  # (one call each)
+    return (ls, q, lt, p) + ((l1[0], q1[0]) if three else (ls, q))
 
 
 def _careful_log_ratio(xs, xt, inv_t: float):
@@ -318,7 +317,8 @@ def kd_lean(student, teacher, labels, *, temperature, divergence, beta, soft_sca
             if int(lo) < 0 or int(hi) >= V:  # an out-of-range label: kd_small's NaN row
                 return None
     hard = y is not None and hard_weight != 0
-    if V < 16 and N * V <= TINY_INPUT:
+    stacked = V < 16 and N * V <= TINY_INPUT
+    if stacked:
         xs, xt = student, teacher
         ls, q, lt, p, l1, q1 = _stacked_log_softmaxes(student, teacher, inv_t, hard, acc)
     else:
@@ -326,7 +326,8 @@ def kd_lean(student, teacher, labels, *, temperature, divergence, beta, soft_sca
         ls, q, l1, q1 = _log_softmax_pair(xs, inv_t, hard)
         lt, p, _, _ = _log_softmax_pair(xt, inv_t)
     u = torch.sub(lt, ls, out=lt)
-    dS = torch.empty_like(q)  # the gradient; first the products' scratch
+    # the gradient, first the products' scratch (tiny stacked inputs: fresh buffers, one call fewer)
+    dS = None if stacked else torch.empty_like(q)
     D, (c_s, r_s), (c_t, r_t) = M.terms(divergence, beta, p, ls, q, u, tmp=dS, masks=False)
     lo, hi = (float(b) for b in D.aminmax())
     if not lo >= (M.ACCURATE_BELOW if acc == torch.float32 else 1e-9):  # (or NaN)
@@ -339,16 +340,16 @@ def kd_lean(student, teacher, labels, *, temperature, divergence, beta, soft_sca
                 D = M.accurate_divergence(divergence, beta, p, ls, q, u, masks=False)
             lo, hi = (float(b) for b in D.aminmax())
     finite = -math.inf < lo and hi < math.inf  # then so is every row's loss and gradient
-    D = D.squeeze(-1)
-    row_loss = D * soft_scale
+    row_loss = D * soft_scale  # [N, 1] until the hard term is in
     g_scale = soft_scale * inv_t
     G = None if r_s is None else M.sum_mul0(q, r_s, None, False)
-    M.grad(q, p, c_s, r_s, G, out=dS, masks=False).mul_(g_scale)
+    dS = M.grad(q, p, c_s, r_s, G, out=dS, masks=False).mul_(g_scale)
     if hard:
         l1, q1 = (ls, q) if l1 is None else (l1, q1)
         yi = y.unsqueeze(-1)  # (a gather, not nll_loss: that opens a parallel region at any size)
-        row_loss.sub_(l1.gather(-1, yi).squeeze(-1), alpha=hard_weight)
+        row_loss.sub_(l1.gather(-1, yi), alpha=hard_weight)
         dS.add_(l1.exp_() if q1 is None else q1, alpha=hard_weight).scatter_(-1, yi, -hard_weight, reduce="add")
+    row_loss = row_loss.squeeze(-1)
     dT = None
     if teacher_grad:
         dT = M.grad(p, q, c_t, r_t, None if r_t is None else M.sum_mul0(p, r_t, None, False), masks=False)
