@@ -268,7 +268,7 @@ def float_tensor(name: str, x, compiling: bool | None = None) -> Tensor:
         raise ValueError(f"{name} must have at least 1 dimension (..., V), got a 0-d tensor")
     if compiling is None:
         compiling = torch.compiler.is_compiling()
-    if not compiling and _under_functorch_autodiff(x):
+    if not compiling and under_functorch_autodiff(x):
         raise RuntimeError(
             f"kdkernels does not support torch.func autodiff transforms (grad, vjp, jacrev, jacfwd, jvp, "
             f"hessian) or forward-mode AD ({name} is such a transform's tensor): its ops compute the gradient in "
@@ -281,7 +281,8 @@ def float_tensor(name: str, x, compiling: bool | None = None) -> Tensor:
 _is_gradtracking = getattr(getattr(torch._C, "_functorch", None), "is_gradtrackingtensor", lambda _: False)
 
 
-def _under_functorch_autodiff(x: Tensor) -> bool:
+def under_functorch_autodiff(x: Tensor) -> bool:
+    """Whether x is a torch.func autodiff transform's tensor or carries a forward-mode tangent."""
     if _is_gradtracking(x):
         return True
     fwd = torch.autograd.forward_ad  # a tangent exists only inside a dual level

@@ -1,0 +1,128 @@
+"""kd_loss's fast path for the commonest eager CPU call (api._plain_cpu_call): where it is taken
+it gives the general path's numbers, bit for bit, and the float64 reference's; wherever one of
+the general path's checks could fail, or another path is needed, it declines (and the general
+path raises or computes)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kdkernels
+from kdkernels import api
+from conftest import assert_matches_reference, assert_tvd_grad_matches
+
+
+@pytest.fixture
+def taken(monkeypatch):
+    """The fast path's answers, one per kd_loss call: True where it computed the loss."""
+    answers, real = [], api._plain_cpu_call
+
+    def spy(*args):
+        out = real(*args)
+        answers.append(out is not None)
+        return out
+    monkeypatch.setattr(api, "_plain_cpu_call", spy)
+    return answers
+
+
+def _inputs(N, V, dtype, seed, *, labels=True, teacher_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(N, V, generator=g, dtype=torch.float64) * 2).to(dtype).requires_grad_()
+    t = (torch.randn(N, V, generator=g, dtype=torch.float64) * 2).to(dtype).requires_grad_(teacher_grad)
+    y = torch.randint(0, V, (N,), generator=g) if labels else None
+    return s, t, y
+
+
+def _loss_and_grads(s, t, y, kw, grad_output):
+    s, t = s.detach().clone().requires_grad_(), t.detach().clone().requires_grad_(t.requires_grad)
+    loss = kdkernels.kd_loss(s, t, y, **kw)
+    loss.backward(grad_output)
+    return loss.detach(), s.grad, t.grad
+
+
+@pytest.mark.parametrize("teacher_grad", [False, True], ids=["no_tgrad", "tgrad"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("labels", [False, True], ids=["soft", "hard"])
+# (tvd's kink-aware gradient comparison holds float32 and float64 gradients to 1e-5)
+@pytest.mark.parametrize("dtype, divergence", [
+    (dtype, d) for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    for d in ("kl", "soft_ce", "reverse_kl", "jsd") + (("tvd",) if dtype in (torch.float32, torch.float64) else ())],
+    ids=str)
+@pytest.mark.parametrize("shape", [(64, 10), (7, 37), (33, 1000)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_fast_path_matches_general_path_and_reference(shape, dtype, divergence, labels, reduction, teacher_grad,
+                                                      taken, monkeypatch):
+    seed = hash((shape, str(dtype), divergence, labels, reduction, teacher_grad)) % 2**31
+    s, t, y = _inputs(*shape, dtype, seed, labels=labels, teacher_grad=teacher_grad)
+    kw = dict(temperature=4.0 if labels else 0.7, divergence=divergence, beta=0.3, soft_weight=0.5,
+              hard_weight=0.5 if labels else 0.0, reduction=reduction, backend="torch")
+    g_out = torch.tensor(1.7, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    fast = _loss_and_grads(s, t, y, kw, g_out)
+    assert taken == [True]
+    monkeypatch.setattr(api, "_plain_cpu_call", lambda *args: None)
+    general = _loss_and_grads(s, t, y, kw, g_out)
+    for what, a, b in zip(("loss", "student grad", "teacher grad"), fast, general):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), what
+    monkeypatch.undo()
+    tvd = divergence == "tvd"  # its gradients jump where p = q: the kink-aware comparison
+    assert_matches_reference(s, t, y, teacher_grad=teacher_grad, check_grads=not tvd, **kw)
+    if tvd:
+        assert_tvd_grad_matches(s, t, y, teacher_grad=teacher_grad, **kw)
+
+
+def _case(name):
+    """kd_loss arguments that the fast path must decline; (args, kwargs, expected exception or None)."""
+    s, t, y = _inputs(6, 9, torch.float32, 0)
+    kw = dict(temperature=2.0, hard_weight=0.5, backend="torch")
+    y_ignored, y_big, y_neg = y.clone(), y.clone(), y.clone()
+    y_ignored[2], y_big[1], y_neg[3] = -100, 9, -5
+    return {
+        "3-d": ((s.detach().view(2, 3, 9).requires_grad_(), t.view(2, 3, 9), y.view(2, 3)), kw, None),
+        "strided": ((torch.randn(6, 18)[:, ::2].requires_grad_(), t, y), kw, None),
+        "strided teacher": ((s, torch.randn(6, 18)[:, ::2], y), kw, None),
+        "int32 labels": ((s, t, y.int()), kw, None),
+        "ignored label": ((s, t, y_ignored), kw, None),
+        "label == V": ((s, t, y_big), kw, ValueError),
+        "negative label": ((s, t, y_neg), kw, ValueError),
+        "mixed dtypes": ((s, t.bfloat16(), y), kw, None),
+        "reduction none": ((s, t, y), dict(kw, reduction="none"), None),
+        "normalizer": ((s, t, y), dict(kw, normalizer=4.0), None),
+        "no labels, hard term": ((s, t, None), kw, ValueError),
+        "labels of another shape": ((s, t, y[:5]), kw, ValueError),
+        "float labels": ((s, t, y.float()), kw, TypeError),
+        "no rows": ((s[:0], t[:0], y[:0]), kw, None),
+        "teacher of another shape": ((s, torch.randn(6, 10), y), kw, ValueError),
+        "parameter": ((torch.nn.Parameter(s.detach().clone()), t, y), kw, None),
+    }[name]
+
+
+@pytest.mark.parametrize("name", ["3-d", "strided", "strided teacher", "int32 labels", "ignored label", "label == V", "negative label",
+                                  "mixed dtypes", "reduction none", "normalizer", "no labels, hard term",
+                                  "labels of another shape", "float labels", "no rows", "teacher of another shape",
+                                  "parameter"])
+def test_fast_path_declines(name, taken):
+    args, kw, error = _case(name)
+    if error is not None:
+        with pytest.raises(error):
+            kdkernels.kd_loss(*args, **kw)
+    else:
+        s, t, y = args
+        loss = kdkernels.kd_loss(*args, **kw)
+        ref = kdkernels.reference.kd_loss(s.detach().double(), t.detach().double(), y,
+                                          **{k: v for k, v in kw.items() if k != "backend"})
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    assert taken == [False]
+
+
+def test_fast_path_declines_under_torch_func(taken):
+    s, t, y = _inputs(4, 8, torch.float32, 1)
+    with pytest.raises(RuntimeError, match="torch.func"):
+        torch.func.grad(lambda x: kdkernels.kd_loss(x, t, y, hard_weight=0.5))(s.detach())
+    assert taken == [False]
+
+
+def test_fast_path_is_the_torch_backends_only(monkeypatch):
+    s, t, y = _inputs(4, 8, torch.float32, 2)
+    opts = kdkernels.options.check_options(hard_weight=0.5)
+    assert api._plain_cpu_call(s, t, y, opts) is not None
+    monkeypatch.setattr(api, "_backend", lambda *args: "triton")
+    assert api._plain_cpu_call(s, t, y, opts) is None
