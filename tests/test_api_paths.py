@@ -69,6 +69,28 @@ def test_fast_path_matches_general_path_and_reference(shape, dtype, divergence, 
         assert_tvd_grad_matches(s, t, y, teacher_grad=teacher_grad, **kw)
 
 
+
+@pytest.mark.parametrize("planted", ["student", "teacher", "both"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(64, 10), (33, 1000)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_fast_path_nan_in_nan_out(shape, dtype, planted, taken, monkeypatch):
+    """NaN planted in a row of either input: the loss is NaN, and the fast path's loss and
+    gradients are the general path's (NaN where it has NaN)."""
+    s, t, y = _inputs(*shape, dtype, 3)
+    with torch.no_grad():
+        if planted in ("student", "both"):
+            s[2, 1] = float("nan")
+        if planted in ("teacher", "both"):
+            t[5, 0] = float("nan")
+    kw = dict(temperature=4.0, soft_weight=0.5, hard_weight=0.5, backend="torch")
+    fast = _loss_and_grads(s, t, y, kw, torch.tensor(1.0))
+    assert taken == [True] and bool(fast[0].isnan())
+    monkeypatch.setattr(api, "_plain_cpu_call", lambda *args: None)
+    general = _loss_and_grads(s, t, y, kw, torch.tensor(1.0))
+    for a, b in zip(fast[:2], general[:2]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
 def _case(name):
     """kd_loss arguments that the fast path must decline; (args, kwargs, expected exception or None)."""
     s, t, y = _inputs(6, 9, torch.float32, 0)
