@@ -264,6 +264,8 @@ def float_tensor(name: str, x, compiling: bool | None = None) -> Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
     if x.dim() < 1:
         raise ValueError(f"{name} must have at least 1 dimension (..., V), got a 0-d tensor")
     if compiling is None:

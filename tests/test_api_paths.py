@@ -114,13 +114,15 @@ def _case(name):
         "no rows": ((s[:0], t[:0], y[:0]), kw, None),
         "teacher of another shape": ((s, torch.randn(6, 10), y), kw, ValueError),
         "parameter": ((torch.nn.Parameter(s.detach().clone()), t, y), kw, None),
+        "sparse student": ((s.detach().to_sparse(), t, y), kw, TypeError),
+        "sparse teacher": ((s, t.to_sparse(), y), kw, TypeError),
     }[name]
 
 
 @pytest.mark.parametrize("name", ["3-d", "strided", "strided teacher", "int32 labels", "ignored label", "label == V", "negative label",
                                   "mixed dtypes", "reduction none", "normalizer", "no labels, hard term",
                                   "labels of another shape", "float labels", "no rows", "teacher of another shape",
-                                  "parameter"])
+                                  "parameter", "sparse student", "sparse teacher"])
 def test_fast_path_declines(name, taken):
     args, kw, error = _case(name)
     if error is not None:
@@ -148,3 +150,21 @@ def test_fast_path_is_the_torch_backends_only(monkeypatch):
     assert api._plain_cpu_call(s, t, y, opts) is not None
     monkeypatch.setattr(api, "_backend", lambda *args: "triton")
     assert api._plain_cpu_call(s, t, y, opts) is None
+
+
+def test_eager_functions_enter_through_the_cpp_apply_or_fall_back(monkeypatch):
+    """ops._apply: the C++ apply bound to the Function where torch has it (same loss and
+    gradient as Function.apply), Function.apply itself where it does not."""
+    from kdkernels import ops
+    monkeypatch.setattr(ops, "_C_APPLY", {})
+    bound = ops._apply(ops._KDReducedEager)
+    assert bound is not ops._KDReducedEager.apply and ops._apply(ops._KDReducedEager) is bound
+    s, t, y = _inputs(5, 7, torch.float32, 4)
+    args = (t, y, (False, 2.0, 0, 0.0, 4.0, 0.5, -100, False, (), "torch", 5.0, None))
+    s1, s2 = s.detach().clone().requires_grad_(), s.detach().clone().requires_grad_()
+    l1, l2 = bound(s1, *args), ops._KDReducedEager.apply(s2, *args)
+    l1.backward(), l2.backward()
+    assert torch.equal(l1, l2) and torch.equal(s1.grad, s2.grad)
+    monkeypatch.setattr(ops, "_C_APPLY", {})
+    monkeypatch.delattr(torch._C, "_FunctionBase")
+    assert ops._apply(ops._KDReducedEager) == ops._KDReducedEager.apply
