@@ -81,16 +81,14 @@ def _kd_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no (N, V) zeros for the gradient outputs' unused grads
 
 
-def _eager(t: Tensor, tracing: bool | None = None) -> bool:
+def _eager(t: Tensor) -> bool:
     """Whether backward may scale the saved gradient `t` in place (see the module docstring).
 
     Not when traced (torch.compile, opcheck: a traced graph may not mutate a saved forward
     output; the compiler reuses buffers itself), and not for float64, the exactness path
-    that gradcheck and torch.autograd.functional drive with repeated backward passes
-    (tracing: _tracing(), if the caller has asked it).
+    that gradcheck and torch.autograd.functional drive with repeated backward passes.
     """
-    return (type(t) is torch.Tensor and t.dtype != torch.float64
-            and not (_tracing() if tracing is None else tracing))
+    return (type(t) is torch.Tensor and t.dtype != torch.float64 and not _tracing())
 
 
 def _tracing() -> bool:
@@ -134,30 +132,26 @@ _DOUBLE_BACKWARD = ("kdkernels: double backward (create_graph=True, torch.autogr
                     "graph of its own. Use kdkernels.reference (plain float64 PyTorch) for higher-order derivatives.")
 
 
-def begin_backward(ctx) -> bool:
-    """Checks before a backward that scales saved gradients (before they are unpacked); returns
-    whether it is traced."""
-    tracing = _tracing()
-    if not tracing and torch.is_grad_enabled():
+def begin_backward(ctx) -> None:
+    """Checks before a backward that scales saved gradients (before they are unpacked)."""
+    if torch.is_grad_enabled() and not _tracing():
         raise RuntimeError(_DOUBLE_BACKWARD)
     if getattr(ctx, "consumed", False):
         raise RuntimeError(_SECOND_BACKWARD)
-    return tracing
 
 
-def scale_in_place(ctx, saved: Tensor, tracing: bool | None = None) -> bool:
-    """Whether this backward scales the saved gradients in place (then a second one is refused);
-    tracing: begin_backward's answer, if at hand."""
-    ctx.consumed = _eager(saved, tracing)
+def scale_in_place(ctx, saved: Tensor) -> bool:
+    """Whether this backward scales the saved gradients in place (then a second one is refused)."""
+    ctx.consumed = _eager(saved)
     return ctx.consumed
 
 
 def scaled_saved_grads(ctx, scale: Tensor, teacher_input: int) -> tuple:
     """The backward of the ops that save (grad_s, grad_t): both scaled by `scale` (per row [N, 1]
     or 0-d), each only where its input needs it (the teacher's is input `teacher_input`)."""
-    tracing = begin_backward(ctx)
+    begin_backward(ctx)
     grad_s, grad_t = ctx.saved_tensors
-    inplace = scale_in_place(ctx, grad_s, tracing)
+    inplace = scale_in_place(ctx, grad_s)
     gs = scale_grad(grad_s, scale, inplace) if ctx.needs_input_grad[0] else None
     gt = scale_grad(grad_t, scale, inplace) if ctx.teacher_grad and ctx.needs_input_grad[teacher_input] else None
     return gs, gt
