@@ -18,6 +18,7 @@ a graph (which would make a Hessian silently zero).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -173,7 +174,8 @@ class _KDFusedEager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *args):
-        out = _kd_fused_impl(*args)
+        with _below_autograd():
+            out = _kd_fused_impl(*args)
         _kd_setup_context(ctx, args, out)
         return out
 
@@ -195,6 +197,8 @@ def _apply(fn):
 
 
 _C_APPLY: dict = {}  # autograd.Function -> its C++ apply, bound
+
+_below_autograd = getattr(torch._C, "_AutoDispatchBelowADInplaceOrView", contextlib.nullcontext)
 
 
 def eager_call() -> bool:
@@ -224,12 +228,15 @@ class _KDReducedEager(torch.autograd.Function):
     def forward(ctx, student, teacher, labels, params):
         (teacher_is_probs, temperature, divergence, beta, soft_scale, hard_weight, ignore_index, teacher_grad,
          transforms, backend, denominator, label_bounds) = params
-        loss, grad_s, grad_t = _kd_fused_impl(student, teacher, labels, teacher_is_probs, temperature, divergence,
-                                              beta, soft_scale / denominator, hard_weight / denominator,
-                                              ignore_index, teacher_grad, transforms, backend, label_bounds)
+        with _below_autograd():
+            loss, grad_s, grad_t = _kd_fused_impl(student, teacher, labels, teacher_is_probs, temperature,
+                                                  divergence, beta, soft_scale / denominator,
+                                                  hard_weight / denominator, ignore_index, teacher_grad, transforms,
+                                                  backend, label_bounds)
+            total = loss.sum()
         ctx.teacher_grad = teacher_grad
         ctx.save_for_backward(grad_s, grad_t)
-        return loss.sum()
+        return total
 
     @staticmethod
     def backward(ctx, grad_total):
