@@ -168,3 +168,40 @@ def test_eager_functions_enter_through_the_cpp_apply_or_fall_back(monkeypatch):
     monkeypatch.setattr(ops, "_C_APPLY", {})
     monkeypatch.delattr(torch._C, "_FunctionBase")
     assert ops._apply(ops._KDReducedEager) == ops._KDReducedEager.apply
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reduced", "per_row"])
+def test_eager_forward_runs_below_autograd(fused, monkeypatch):
+    """The eager Functions run their backend's ops below autograd (ops._below_autograd: no
+    autograd or view/version bookkeeping per op, the grad-disabled forward records none anyway):
+    the backend sees those keys excluded; the numbers are those of the plain context (the
+    fallback where torch lacks the guard); hooks on saved tensors still see the saved
+    gradient, and a second backward through a consumed gradient still raises."""
+    from kdkernels import ops
+    from kdkernels.backends import torch_backend
+    seen, real = [], torch_backend.kd_forward
+
+    def spy(*args, **kw):
+        seen.append(torch._C._dispatch_tls_is_dispatch_key_excluded(torch._C.DispatchKey.ADInplaceOrView))
+        return real(*args, **kw)
+    monkeypatch.setattr(torch_backend, "kd_forward", spy)
+    s, t, y = _inputs(6, 11, torch.float32, 5)
+    kw = dict(temperature=2.0, hard_weight=0.5, backend="torch", reduction="none" if fused else "mean")
+
+    def run():
+        s1 = s.detach().clone().requires_grad_()
+        packed = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: packed.append(x.shape) or x, lambda x: x):
+            loss = kdkernels.kd_loss(s1, t, y, **kw)
+        total = loss.sum()
+        total.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="backward"):
+            total.backward()
+        return loss.detach(), s1.grad, packed
+    below = run()
+    assert seen == [True]
+    monkeypatch.setattr(ops, "_below_autograd", __import__("contextlib").nullcontext)
+    plain = run()
+    assert seen == [True, False]
+    assert torch.equal(below[0], plain[0]) and torch.equal(below[1], plain[1])
+    assert (6, 11) in below[2] and below[2] == plain[2]
