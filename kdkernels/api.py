@@ -185,31 +185,31 @@ def _plain_cpu_call(s, t, labels, opts: KDOptions):
     _check_tensors and check_labels, asked here in one expression: at classification sizes those
     checks, spread over the general path's calls, cost about a sixth of the loss (64 x 10,
     fwd+bwd alternating with eager: 194 -> 172 us)."""
-    if not (type(s) is Tensor and type(t) is Tensor and s.dtype is t.dtype and s.dtype in FLOAT_DTYPES
-            and s.dim() == 2 and s.shape == t.shape and s.is_cpu and t.is_cpu and s.stride(-1) == 1
-            and t.stride(-1) == 1 and s.shape[0] > 0 and s.shape[1] > 0 and opts.host_reduction
-            and opts.normalizer is None and not opts.inplace
+    if not (opts.plain_call and type(s) is Tensor and type(t) is Tensor and s.dtype is t.dtype
+            and s.dtype in FLOAT_DTYPES and s.dim() == 2 and s.is_cpu and t.is_cpu and s.shape == t.shape
+            and s.stride(-1) == 1 and t.stride(-1) == 1 and s.numel() > 0
             and (type(labels) is Tensor and labels.dtype is torch.int64 and labels.dim() == 1 and labels.is_cpu
                  and labels.shape[0] == s.shape[0] if labels is not None else opts.hard_weight == 0)):
         return None
-    if (torch.compiler.is_compiling() or not ops.eager_call()
-            or under_functorch_autodiff(s) or under_functorch_autodiff(t)):
-        return None
-    backend = _backend(opts, s.device, s.dtype is torch.float64, False)
-    if backend != "torch":
+    if (not ops.eager_call() or under_functorch_autodiff(s) or under_functorch_autodiff(t)
+            or _backend(opts, _CPU, s.dtype is torch.float64, False) != "torch"):
         return None
     bounds = None
     if labels is not None:
         bounds = tuple(int(b) for b in labels.aminmax())
         if bounds[0] < 0 or bounds[1] >= s.shape[1]:  # ignored or bad labels: check_labels sorts them out
             return None
-    return _reduced_call(s, t, labels, False, t.requires_grad and torch.is_grad_enabled(), backend, bounds, opts)
+    return _reduced_call(s, t, labels, False, t.requires_grad and torch.is_grad_enabled(), "torch", bounds, opts)
+
+
+_CPU = torch.device("cpu")
 
 
 def _backend(opts: KDOptions, device: torch.device, float64: bool, compiling: bool) -> str:
     """resolve() for these options (which backends have their divergence and transforms),
-    memoised per options object, device and $KDKERNELS_BACKEND (only answers, not errors)."""
-    key = None if compiling else (device, float64, os.environ.get(ENV_VAR))
+    memoised per options object, device and, for backend "auto" (the only one it steers),
+    $KDKERNELS_BACKEND (only answers, not errors)."""
+    key = None if compiling else (device, float64, os.environ.get(ENV_VAR) if opts.backend == "auto" else None)
     backend = None if compiling else opts.resolved.get(key)
     if backend is None:
         native, feature = opts.kernel_divergence_info.backends, opts.divergence_feature

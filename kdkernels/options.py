@@ -105,8 +105,10 @@ class KDOptions:
     #   divergence_feature    "divergence='...'" (for error messages)
     #   host_reduction        whether the reduction's denominator is a host number on CPU inputs
     #                         ("mean", "sum", a float normalizer; not "none" or a tensor normalizer)
+    #   plain_call            host_reduction without a normalizer or inplace: the options that
+    #                         kdkernels.api's fast path for plain eager CPU calls takes
     #   resolved              kdkernels.api's memo of the backend resolved per (device, float64,
-    #                         $KDKERNELS_BACKEND)
+    #                         $KDKERNELS_BACKEND where the backend is "auto")
     def __post_init__(self):
         has_transforms = (self.student_logit_scale != 1.0 or self.student_softcap is not None
                           or self.teacher_logit_scale != 1.0 or self.teacher_softcap is not None)
@@ -125,6 +127,7 @@ class KDOptions:
             "kernel_divergence_info": DIVERGENCE_TABLE[code] if code >= 0 else None,
             "divergence_feature": f"divergence={self.divergence!r}",
             "host_reduction": self.reduction != "none" and not isinstance(self.normalizer, Tensor),
+            "plain_call": self.reduction != "none" and self.normalizer is None and not self.inplace,
             "resolved": {},
         }
         for key, value in derived.items():
