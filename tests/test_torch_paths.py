@@ -1,5 +1,5 @@
 """The torch backend's size paths against the float64 reference, each case checked to have run
-the path it is about: kd_lean (whole-input plain sums; float64 up to TINY_INPUT elements; the
+the path it is about: kd_lean (whole-input plain sums; float64 where tb.lean_in_float64 says; the
 op-by-op log-softmax below 16 classes), its careful branch (teacher close to student), its
 hand-off to kd_small (nearly one-hot rows: the whole input; NaN, infinities: those rows only),
 and the chunk loop beyond LEAN_INPUT. CPU only (kd_lean is a CPU path)."""
@@ -15,17 +15,17 @@ from kdkernels.options import DIVERGENCES
 
 from conftest import assert_matches_reference, assert_tvd_grad_matches
 
-# (N, V): lean in float64, lean float64 below 16 classes, lean float32, lean float32 below 16
-# classes, lean float32 at a large vocabulary, and the chunk loop
-SIZES = [(16, 100), (64, 10), (64, 300), (700, 11), (3, 40000), (9, 33000)]
+# (N, V): lean in float64, lean float64 below 16 classes (stacked; op by op), lean float32, lean
+# float32 below 16 classes, lean float32 at a large vocabulary, and the chunk loop
+SIZES = [(16, 100), (64, 10), (700, 11), (64, 300), (2000, 11), (3, 40000), (9, 33000)]
 REGIMES = ["random", "close", "peaked", "mixed"]
 
 
 @pytest.fixture
 def paths(monkeypatch):
     """Records what ran: kd_lean's outcome per call ("lean" or "handed off") and the rows kd_small got."""
-    seen = {"lean": [], "small_rows": []}
-    lean, small = tb.kd_lean, tb.kd_small
+    seen = {"lean": [], "small_rows": [], "careful": 0}
+    lean, small, careful = tb.kd_lean, tb.kd_small, tb._careful_log_ratio
 
     def spy_lean(*args, **kwargs):
         out = lean(*args, **kwargs)
@@ -35,8 +35,12 @@ def paths(monkeypatch):
     def spy_small(student, *args, **kwargs):
         seen["small_rows"].append(student.shape[0])
         return small(student, *args, **kwargs)
+    def spy_careful(*args):
+        seen["careful"] += 1
+        return careful(*args)
     monkeypatch.setattr(tb, "kd_lean", spy_lean)
     monkeypatch.setattr(tb, "kd_small", spy_small)
+    monkeypatch.setattr(tb, "_careful_log_ratio", spy_careful)
     return seen
 
 
@@ -58,7 +62,7 @@ def _expected_path(N, V, regime):
     if N * V > tb.LEAN_INPUT:
         return "chunks"
     if regime == "peaked":  # float32 hands nearly one-hot rows off; float64 only if it needs to
-        return "handed off" if N * V > tb.TINY_INPUT else "either"
+        return "either" if tb.lean_in_float64(N, V) else "handed off"
     return "lean"
 
 
@@ -83,6 +87,9 @@ def test_paths_match_reference(N, V, regime, divergence, paths):
         assert len(paths["lean"]) == 2
         return
     assert set(paths["lean"]) == {expected}, paths
+    if regime == "close" and expected == "lean" and divergence != "soft_ce":
+        # float32's plain sums need the careful forms there (soft_ce's, never small, do not)
+        assert bool(paths["careful"]) != tb.lean_in_float64(N, V), paths
     if expected == "handed off":  # the whole input, to kd_small or (above SMALL_INPUT) the chunk loop
         assert paths["small_rows"] == ([N, N] if N * V <= tb.SMALL_INPUT else []), paths
     elif regime == "mixed":
@@ -153,3 +160,13 @@ def test_reduced_path_grad_output_and_second_backward(reduction, normalizer):
     (g1,) = torch.autograd.grad(loss, x64, retain_graph=True)
     (g2,) = torch.autograd.grad(loss, x64)
     assert torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("N", [64, 256, 1024])
+def test_lean_below_16_classes_needs_no_careful_forms(N, paths):
+    """At the classification sizes below 16 classes (issue 16: N x 10) kd_lean's arithmetic is
+    float64, whose plain sums are accurate for a teacher close to the student: no careful forms
+    (in float32 they cost ~40 % more there, and some row of a random input already needs them)."""
+    s, t, y = _inputs(N, 10, "close", seed=N)
+    assert_matches_reference(s, t, y, temperature=4.0, soft_weight=0.5, hard_weight=0.5)
+    assert set(paths["lean"]) == {"lean"} and paths["careful"] == 0, paths
