@@ -250,6 +250,25 @@ def test_small_pair_measures_both_losses_against_the_reference():
     assert r["meets"] == ("yes" if r["ratio"] <= small.GOAL else "no")
 
 
+@pytest.mark.parametrize("contended", [False, True])
+def test_small_counts_and_warns_of_threaded_kd_calls(contended, monkeypatch, tmp_path, capsys):
+    """A timed kd call whose chunk loop ran on threads (kd_loss's mode for a busy machine) is
+    counted per size and named in a warning: it explains a slow kd figure on a machine whose
+    load looked idle (the hypervisor can take the CPU too)."""
+    from kdkernels.backends import torch_backend
+    if contended:
+        monkeypatch.setattr(torch_backend, "_contended_until", float("inf"))
+    N, V = 2, torch_backend.LEAN_INPUT  # (twice the lean size: the chunk loop)
+    argv = ["--device", "cpu", "--small", "--N", str(N), "--V", str(V), "--threads", "2", "--runs", "3",
+            "--warmup", "1", "--out", str(tmp_path), "--name", "c"]
+    assert bench_main(argv) == 0
+    out = capsys.readouterr().out
+    (row,) = json.loads((tmp_path / "c.json").read_text())["results"]
+    assert row["kd_threaded"] == (3 if contended else 0)
+    assert ("3 of 3 timed kd calls ran their chunk loop on threads" in out) == contended
+    assert "kd threaded" in _header(out)
+
+
 def test_small_eager_formula_is_the_reference_loss():
     """The eager peer computes the same loss as kdkernels.reference (so the ratio compares like with like)."""
     from kdkernels import reference

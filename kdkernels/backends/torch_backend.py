@@ -448,6 +448,7 @@ OFF_CPU_SHARE = 0.3
 OFF_CPU_MIN_S = 0.010
 CONTENDED_FOR_S = 5.0
 _contended_until = 0.0  # time.monotonic() before which calls start on the threads
+threaded_loops = 0      # chunk loops that ran (or finished) on the threads, since import (benchmarks read it)
 _pool: dict = {}       # key (pid, helpers), pid, ok (threads can go single), executor
 _omp_lock, _pool_lock = threading.Lock(), threading.Lock()
 _omp_set = None        # omp_set_num_threads of the OpenMP runtime ATen uses; False: none found
@@ -544,9 +545,10 @@ def for_each_chunk(starts, body, new_workspace, device: torch.device) -> None:
     parallel inside), or on the CPU, once the calling thread is seen waiting at its ops'
     barriers (see above), spread over torch.get_num_threads() threads (this one included),
     each with its own workspace and its ATen ops on one thread."""
-    global _contended_until
+    global _contended_until, threaded_loops
     helpers = _helpers(device, len(starts))
     if helpers is not None and time.monotonic() < _contended_until:
+        threaded_loops += 1
         return _on_threads(starts, body, new_workspace, helpers, None)
     ws = new_workspace()
     wall0, cpu0 = _clocks()
@@ -557,6 +559,7 @@ def for_each_chunk(starts, body, new_workspace, device: torch.device) -> None:
             off = (wall - wall0) - (cpu - cpu0)
             if off >= max(OFF_CPU_MIN_S, OFF_CPU_SHARE * (wall - wall0)):
                 _contended_until = time.monotonic() + CONTENDED_FOR_S
+                threaded_loops += 1
                 return _on_threads(starts[i + 1:], body, new_workspace, helpers, ws)
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
+from ..backends import torch_backend
 from . import report, trust
 
 SIZES = tuple((n, v) for n in (64, 256, 1024) for v in (10, 100, 1000)) + ((128, 32000),)
@@ -37,12 +38,13 @@ COLUMNS = (
     ("kd_us", "kd us", ".0f"), ("kd_min_us", "min", ".0f"), ("kd_max_us", "max", ".0f"),
     ("ratio", "kd/eager", ".2f"), ("meets", f"<= {GOAL:g}", "s"),
     ("kd_loss_err", "kd loss err", ".1e"), ("kd_grad_err", "kd grad err", ".1e"),
+    ("kd_threaded", "kd threaded", "d"),
     ("eager_launches", "eager launches", "d"), ("kd_launches", "kd launches", "d"),
 )
 CSV_FIELDS = ("device", "N", "V", "threads", "runs", "warmup", "eager_us", "eager_min_us", "eager_max_us",
               "eager_q1_us", "eager_q3_us", "kd_us", "kd_min_us", "kd_max_us", "kd_q1_us", "kd_q3_us",
               "ratio", "meets", "eager_loss_err", "eager_grad_err", "kd_loss_err", "kd_grad_err",
-              "eager_launches", "kd_launches")
+              "kd_threaded", "eager_launches", "kd_launches")
 
 
 def eager(T=TEMPERATURE, soft=SOFT, hard=HARD):
@@ -123,10 +125,14 @@ def measure_pair(N, V, threads, *, runs, warmup, device, seed=0, backend="torch"
         times = {name: [] for name in fns}
         order = list(fns)
         mon = trust.Contention(threads).start()
+        threaded = torch_backend.threaded_loops
         for i in range(runs):
             for name in (order if i % 2 == 0 else order[::-1]):
                 times[name].append(_call_us(fns[name], s, t, y, sync))
         row["others_share"] = mon.stop()["others_share"]
+        # timed kd calls whose chunk loop ran on threads, the mode for a busy machine (see
+        # torch_backend.for_each_chunk): slower where the machine is not in fact busy
+        row["kd_threaded"] = torch_backend.threaded_loops - threaded
         for name, ts in times.items():
             st = trust.summary(ts)
             row.update({f"{name}_us": st["median"], f"{name}_min_us": st["min"], f"{name}_max_us": st["max"],
@@ -193,6 +199,12 @@ def main(args, device) -> int:
                                      trust.summary([x / 1e3 for x in r[f"{name}_runs_us"]]), runs)
             if w:
                 warnings.append(w)
+    for r in rows:
+        if r["kd_threaded"]:
+            warnings.append(f"N={r['N']} V={r['V']} {threads_label(r['threads'])}: {r['kd_threaded']} of "
+                            f"{r['runs']} timed kd calls ran their chunk loop on threads, kd_loss's mode for "
+                            "a busy machine (its calling thread was seen off a CPU, by other processes or "
+                            "the hypervisor): those calls are slower where the machine is not in fact busy")
     meta["warnings"] = warnings
     paths = []
     if prefix:
