@@ -8,6 +8,7 @@ with one ATen thread, that the caller's and later threads' settings are left alo
 inference mode and a forked child."""
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -98,23 +99,47 @@ def test_idle_calls_stay_on_the_caller(two_threads, monkeypatch):
     assert all(n == 2 for _, _, n, _ in seen) and tb._contended_until == 0.0
 
 
-def test_a_caller_waiting_at_barriers_hands_the_rest_to_the_threads(two_threads, monkeypatch):
-    monkeypatch.setattr(tb, "_contended_until", 0.0)
-    # 1.5 s off a CPU per chunk: 3 s (OFF_CPU_MIN_S here), 60 % of the loop, after the second chunk
+def _contended_call(monkeypatch, seen):
+    """One for_each_chunk call whose caller waits at its barriers: 1.5 s off a CPU per chunk,
+    3 s (OFF_CPU_MIN_S here), 60 % of the loop, after the second chunk."""
     clocks = FakeClocks(monkeypatch, wall=2.5, cpu=1.0)
-    seen = []
-    t0 = time.monotonic()
     tb.for_each_chunk(range(0, 40, 2), clocks.wrap(_record(seen)), dict, torch.device("cpu"))
     assert sorted(a for a, *_ in seen) == list(range(0, 40, 2))
     first = [n for a, _, n, _ in seen if a in (0, 2)]
     assert first == [2, 2]                                    # on the caller, ops parallel inside
     rest = [(tid, n) for a, tid, n, _ in seen if a >= 4]
     assert all(n == 1 for _, n in rest) and len({tid for tid, _ in rest}) == 2, (seen, first, rest)
+    assert torch.get_num_threads() == 2
+
+
+def test_a_caller_waiting_at_barriers_hands_the_rest_to_the_threads(two_threads, monkeypatch):
+    """Seen once: the rest of that call goes to the threads, the next call starts on the caller
+    again (a hiccup of the host is not a lasting load); seen again within CONFIRM_WITHIN_S:
+    calls start on the threads for CONTENDED_FOR_S."""
+    monkeypatch.setattr(tb, "_contended_until", 0.0)
+    monkeypatch.setattr(tb, "_seen_waiting_at", -math.inf)
+    seen = []
+    _contended_call(monkeypatch, seen)
+    assert tb._contended_until == 0.0 and tb._seen_waiting_at > 0
+    seen.clear()  # the next call, idle, stays on the caller
+    tb.for_each_chunk(range(0, 8, 2), _record(seen, 0.0), dict, torch.device("cpu"))
+    assert {tid for _, tid, _, _ in seen} == {threading.get_ident()} and all(n == 2 for *_, n, _ in seen)
+    seen.clear()
+    t0 = time.monotonic()
+    _contended_call(monkeypatch, seen)  # seen again, within CONFIRM_WITHIN_S
     assert t0 + tb.CONTENDED_FOR_S <= tb._contended_until <= time.monotonic() + tb.CONTENDED_FOR_S
     seen.clear()  # the next call goes to the threads from its first chunk
     tb.for_each_chunk(range(0, 8, 2), _record(seen), dict, torch.device("cpu"))
     assert all(n == 1 for _, _, n, _ in seen)
     assert torch.get_num_threads() == 2
+
+
+def test_sightings_far_apart_are_not_a_lasting_load(two_threads, monkeypatch):
+    monkeypatch.setattr(tb, "_contended_until", 0.0)
+    monkeypatch.setattr(tb, "_seen_waiting_at", time.monotonic() - tb.CONFIRM_WITHIN_S - 1.0)
+    seen = []
+    _contended_call(monkeypatch, seen)
+    assert tb._contended_until == 0.0
 
 
 @pytest.mark.parametrize("wall,cpu,chunks", [(4.0, 3.5, 20), (1.0, 0.5, 5)],
