@@ -113,33 +113,30 @@ def _contended_call(monkeypatch, seen):
 
 
 def test_a_caller_waiting_at_barriers_hands_the_rest_to_the_threads(two_threads, monkeypatch):
-    """Seen once: the rest of that call goes to the threads, the next call starts on the caller
-    again (a hiccup of the host is not a lasting load); seen again within CONFIRM_WITHIN_S:
-    calls start on the threads for CONTENDED_FOR_S."""
+    """Seen once: the rest of that call and the calls of the next FIRST_SIGHTING_FOR_S go to the
+    threads (a hiccup of the host is not a lasting load); seen again within CONFIRM_WITHIN_S:
+    those of the next CONTENDED_FOR_S."""
     monkeypatch.setattr(tb, "_contended_until", 0.0)
     monkeypatch.setattr(tb, "_seen_waiting_at", -math.inf)
-    seen = []
-    _contended_call(monkeypatch, seen)
-    assert tb._contended_until == 0.0 and tb._seen_waiting_at > 0
-    seen.clear()  # the next call, idle, stays on the caller
-    tb.for_each_chunk(range(0, 8, 2), _record(seen, 0.0), dict, torch.device("cpu"))
-    assert {tid for _, tid, _, _ in seen} == {threading.get_ident()} and all(n == 2 for *_, n, _ in seen)
-    seen.clear()
-    t0 = time.monotonic()
-    _contended_call(monkeypatch, seen)  # seen again, within CONFIRM_WITHIN_S
-    assert t0 + tb.CONTENDED_FOR_S <= tb._contended_until <= time.monotonic() + tb.CONTENDED_FOR_S
-    seen.clear()  # the next call goes to the threads from its first chunk
-    tb.for_each_chunk(range(0, 8, 2), _record(seen), dict, torch.device("cpu"))
-    assert all(n == 1 for _, _, n, _ in seen)
-    assert torch.get_num_threads() == 2
+    for window in (tb.FIRST_SIGHTING_FOR_S, tb.CONTENDED_FOR_S):
+        seen = []
+        t0 = time.monotonic()
+        _contended_call(monkeypatch, seen)
+        assert t0 + window <= tb._contended_until <= time.monotonic() + window
+        seen.clear()  # the next call goes to the threads from its first chunk
+        tb.for_each_chunk(range(0, 8, 2), _record(seen), dict, torch.device("cpu"))
+        assert all(n == 1 for _, _, n, _ in seen)
+        assert torch.get_num_threads() == 2
+        monkeypatch.setattr(tb, "_contended_until", 0.0)  # the window over: the next call probes again
 
 
 def test_sightings_far_apart_are_not_a_lasting_load(two_threads, monkeypatch):
     monkeypatch.setattr(tb, "_contended_until", 0.0)
     monkeypatch.setattr(tb, "_seen_waiting_at", time.monotonic() - tb.CONFIRM_WITHIN_S - 1.0)
-    seen = []
-    _contended_call(monkeypatch, seen)
-    assert tb._contended_until == 0.0
+    t0 = time.monotonic()
+    _contended_call(monkeypatch, [])
+    assert t0 + tb.FIRST_SIGHTING_FOR_S <= tb._contended_until <= time.monotonic() + tb.FIRST_SIGHTING_FOR_S
+    assert tb.FIRST_SIGHTING_FOR_S < tb.CONFIRM_WITHIN_S and tb.FIRST_SIGHTING_FOR_S < tb.CONTENDED_FOR_S
 
 
 @pytest.mark.parametrize("wall,cpu,chunks", [(4.0, 3.5, 20), (1.0, 0.5, 5)],

@@ -440,17 +440,19 @@ def kd_forward(student, teacher, labels, *, teacher_is_probs, temperature, diver
 # time. Idle, a team's barriers spin and the thread is on a CPU all the time (measured: 99 %
 # over a call); on a busy machine it is preempted or sleeps at the barriers (30-80 % of the
 # time off a CPU). Once it has been off a CPU for OFF_CPU_SHARE of the loop (and at least
-# OFF_CPU_MIN_S), the remaining chunks go to the threads. If an earlier call saw the same within
-# CONFIRM_WITHIN_S, whole calls go to the threads for the next CONTENDED_FOR_S seconds; then a
-# call tries the serial loop again (under a lasting load that costs the first ~20 ms of two
-# calls every CONTENDED_FOR_S: detection is that quick). One sighting alone moves only the rest
-# of its call: a single hiccup of the host (seen on this idle 2-vCPU VM: one >= 10 ms gap in a
-# 20 s benchmark, no other process running) would otherwise put 5 s of calls on the threads,
-# which are slower on an idle machine (1024 x 1000, 2 threads: 357 of 1000 calls, 1.23x eager).
+# OFF_CPU_MIN_S), the remaining chunks go to the threads, and so do whole calls for the next
+# FIRST_SIGHTING_FOR_S seconds, or CONTENDED_FOR_S if the previous sighting was at most
+# CONFIRM_WITHIN_S before (a lasting load: the call after a window probes the serial loop and
+# sees it again); then a call tries the serial loop again (under a lasting load that costs the
+# first ~20 ms of one call every CONTENDED_FOR_S: detection is that quick). The short first
+# window is for a single hiccup of the host (seen on this idle 2-vCPU VM: one >= 10 ms gap in a
+# 20 s benchmark, no other process running), which put 5 s of calls on the threads, slower on an
+# idle machine (1024 x 1000, 2 threads: 357 of 1000 calls, 1.23x eager instead of ~0.9).
 CHUNK_THREADS = True   # False: never; every chunk on the calling thread, ops parallel inside (as on GPUs)
 OFF_CPU_SHARE = 0.3
 OFF_CPU_MIN_S = 0.010
-CONFIRM_WITHIN_S = 1.0
+FIRST_SIGHTING_FOR_S = 2.0
+CONFIRM_WITHIN_S = 4.0
 CONTENDED_FOR_S = 5.0
 _contended_until = 0.0  # time.monotonic() before which calls start on the threads
 _seen_waiting_at = -math.inf  # time.monotonic() when a serial loop last saw its caller off a CPU
@@ -565,8 +567,8 @@ def for_each_chunk(starts, body, new_workspace, device: torch.device) -> None:
             off = (wall - wall0) - (cpu - cpu0)
             if off >= max(OFF_CPU_MIN_S, OFF_CPU_SHARE * (wall - wall0)):
                 now = time.monotonic()
-                if now - _seen_waiting_at <= CONFIRM_WITHIN_S:  # seen twice: a lasting load
-                    _contended_until = now + CONTENDED_FOR_S
+                lasting = now - _seen_waiting_at <= CONFIRM_WITHIN_S
+                _contended_until = now + (CONTENDED_FOR_S if lasting else FIRST_SIGHTING_FOR_S)
                 _seen_waiting_at = now
                 threaded_loops += 1
                 return _on_threads(starts[i + 1:], body, new_workspace, helpers, ws)
