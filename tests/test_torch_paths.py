@@ -170,3 +170,22 @@ def test_lean_below_16_classes_needs_no_careful_forms(N, paths):
     s, t, y = _inputs(N, 10, "close", seed=N)
     assert_matches_reference(s, t, y, temperature=4.0, soft_weight=0.5, hard_weight=0.5)
     assert set(paths["lean"]) == {"lean"} and paths["careful"] == 0, paths
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_chunk_loop_allocates_per_call_not_per_chunk(temperature):
+    """Beyond LEAN_INPUT the chunk loop's large buffers (outputs, one workspace) are allocated
+    once per call: as many for 8 chunks as for 2 (the hard term at T != 1 used to take fresh
+    chunk-sized buffers in every chunk)."""
+    from torch.profiler import ProfilerActivity, profile
+    import kdkernels
+    V = 1000
+    rows = tb._rows_per_chunk(V)
+
+    def big_allocations(chunks):
+        s, t, y = _inputs(chunks * rows, V, "random", seed=chunks)
+        s.requires_grad_()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            kdkernels.kd_loss(s, t, y, temperature=temperature, hard_weight=0.5, backend="torch").backward()
+        return sum(1 for e in prof.events() if e.cpu_memory_usage >= rows * V)  # >= a quarter chunk
+    assert big_allocations(8) == big_allocations(2)

@@ -132,6 +132,8 @@ def kd_block(s, t, y, ws, grad_s, grad_t, *, teacher_is_probs, temperature, dive
     ignored = None
     if y is not None:
         stats = (zs, q, log_ds) if hard_t1 else None
+        if stats is None and hard_weight != 0:  # the T = 1 statistics into the workspace (no fresh buffers)
+            stats = M.centred_stats(xs, 1.0, z_out=ws("z1", n), e_out=ws("q1", n))
         row_loss, ignored = apply_labels(row_loss, dS, xs, y, hard_weight, ignore_index, stats)
     if chain_s is not None:
         dS.mul_(chain_s)
