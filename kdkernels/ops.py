@@ -198,6 +198,11 @@ def _apply(fn):
 
 _C_APPLY: dict = {}  # autograd.Function -> its C++ apply, bound
 
+# The eager Functions' forwards run their backend below the autograd and ADInplaceOrView dispatch
+# keys (as torch.library's autograd wrapper runs a custom op's forward): a grad-disabled forward
+# records nothing, and each of its ATen ops then skips that bookkeeping (kd_lean at 64 x 10: 124
+# -> 105 us). Only the backend's own fresh tensors are written in place there; the saved outputs
+# are saved after it, outside. A null context where torch lacks the guard.
 _below_autograd = getattr(torch._C, "_AutoDispatchBelowADInplaceOrView", contextlib.nullcontext)
 
 
