@@ -256,8 +256,9 @@ def test_small_counts_and_warns_of_threaded_kd_calls(contended, monkeypatch, tmp
     counted per size and named in a warning: it explains a slow kd figure on a machine whose
     load looked idle (the hypervisor can take the CPU too)."""
     from kdkernels.backends import torch_backend
-    if contended:
-        monkeypatch.setattr(torch_backend, "_contended_until", float("inf"))
+    # (a busy test machine would otherwise be seen busy: the uncontended case never looks)
+    monkeypatch.setattr(torch_backend, "_contended_until", float("inf") if contended else 0.0)
+    monkeypatch.setattr(torch_backend, "OFF_CPU_MIN_S", float("inf"))
     N, V = 2, torch_backend.LEAN_INPUT  # (twice the lean size: the chunk loop)
     argv = ["--device", "cpu", "--small", "--N", str(N), "--V", str(V), "--threads", "2", "--runs", "3",
             "--warmup", "1", "--out", str(tmp_path), "--name", "c"]

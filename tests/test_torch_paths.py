@@ -173,12 +173,15 @@ def test_lean_below_16_classes_needs_no_careful_forms(N, paths):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 4.0])
-def test_chunk_loop_allocates_per_call_not_per_chunk(temperature):
+def test_chunk_loop_allocates_per_call_not_per_chunk(temperature, monkeypatch):
     """Beyond LEAN_INPUT the chunk loop's large buffers (outputs, one workspace) are allocated
     once per call: as many for 8 chunks as for 2 (the hard term at T != 1 used to take fresh
-    chunk-sized buffers in every chunk)."""
+    chunk-sized buffers in every chunk). The serial loop (a busy test machine would otherwise
+    be seen busy, and the threads take a workspace each)."""
     from torch.profiler import ProfilerActivity, profile
     import kdkernels
+    monkeypatch.setattr(tb, "_contended_until", 0.0)
+    monkeypatch.setattr(tb, "OFF_CPU_MIN_S", math.inf)
     V = 1000
     rows = tb._rows_per_chunk(V)
 
