@@ -116,7 +116,6 @@ def kd_block(s, t, y, ws, grad_s, grad_t, *, teacher_is_probs, temperature, dive
     zs, q, log_ds = M.centred_stats(xs, inv_t, z_out=ws("zs", n), e_out=ws("q", n))
     zt, p, log_dt = M.centred_stats(xt, inv_t, z_out=ws("zt", n), e_out=ws("p", n))
     u = M.log_ratio(zt, log_dt, zs, log_ds, out=ws("u", n))
-    hard_t1 = y is not None and hard_weight != 0 and temperature == 1.0  # the hard term reuses (zs, q)
     lq = torch.sub(zs, log_ds, out=ws("lq", n)) if divergence == M.SOFT_CE else None
     D, (c_s, r_s), (c_t, r_t) = M.terms(divergence, beta, p, lq, q, u, tmp=ws("tmp", n))
     D = M.split_accurate(divergence, beta, D, p, lq, q, u)
@@ -131,9 +130,10 @@ def kd_block(s, t, y, ws, grad_s, grad_t, *, teacher_is_probs, temperature, dive
                 out=grad_s if direct else ws("ds", n)).mul_(g_scale)
     ignored = None
     if y is not None:
-        stats = (zs, q, log_ds) if hard_t1 else None
-        if stats is None and hard_weight != 0:  # the T = 1 statistics into the workspace (no fresh buffers)
-            stats = M.centred_stats(xs, 1.0, z_out=ws("z1", n), e_out=ws("q1", n))
+        stats = None  # the hard term's T = 1 statistics: (zs, q) themselves at T = 1, else into the workspace
+        if hard_weight != 0:
+            stats = (zs, q, log_ds) if temperature == 1.0 else \
+                M.centred_stats(xs, 1.0, z_out=ws("z1", n), e_out=ws("q1", n))
         row_loss, ignored = apply_labels(row_loss, dS, xs, y, hard_weight, ignore_index, stats)
     if chain_s is not None:
         dS.mul_(chain_s)
@@ -555,10 +555,9 @@ def for_each_chunk(starts, body, new_workspace, device: torch.device) -> None:
     parallel inside), or on the CPU, once the calling thread is seen waiting at its ops'
     barriers (see above), spread over torch.get_num_threads() threads (this one included),
     each with its own workspace and its ATen ops on one thread."""
-    global _contended_until, _seen_waiting_at, threaded_loops
+    global _contended_until, _seen_waiting_at
     helpers = _helpers(device, len(starts))
     if helpers is not None and time.monotonic() < _contended_until:
-        threaded_loops += 1
         return _on_threads(starts, body, new_workspace, helpers, None)
     ws = new_workspace()
     wall0, cpu0 = _clocks()
@@ -572,7 +571,6 @@ def for_each_chunk(starts, body, new_workspace, device: torch.device) -> None:
                 lasting = now - _seen_waiting_at <= CONFIRM_WITHIN_S
                 _contended_until = now + (CONTENDED_FOR_S if lasting else FIRST_SIGHTING_FOR_S)
                 _seen_waiting_at = now
-                threaded_loops += 1
                 return _on_threads(starts[i + 1:], body, new_workspace, helpers, ws)
 
 
@@ -580,6 +578,8 @@ def _on_threads(starts, body, new_workspace, helpers, ws) -> None:
     """body(a, ws) for every a in `starts`, the chunks handed out one at a time to this thread
     (with `ws`, or a new workspace) and the helpers; ATen ops on one thread each. Grad and
     inference mode follow the calling thread's."""
+    global threaded_loops
+    threaded_loops += 1
     executor, n_helpers = helpers
     todo, lock, stop = iter(starts), threading.Lock(), []
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
