@@ -193,18 +193,17 @@ def main(args, device) -> int:
     meta["wall_s"], meta["others_share"] = round(time.perf_counter() - t0, 1), c["others_share"]
     warnings = [w for w in (trust.load_warning(meta["load_before"], meta["cpu_count"], c["others_share"]),
                             trust.contention_warning(c)) if w]
+    # (before the spread warnings: these explain a figure, and the console shows only the first few)
+    warnings += [f"N={r['N']} V={r['V']} {threads_label(r['threads'])}: {r['kd_threaded']} of {r['runs']} timed "
+                 "kd calls ran their chunk loop on threads, kd_loss's mode for a busy machine (its calling thread "
+                 "was seen off a CPU, by other processes or the hypervisor): those calls are slower where the "
+                 "machine is not in fact busy" for r in rows if r["kd_threaded"]]
     for r in rows:
         for name in ("eager", "kd"):
             w = trust.spread_warning(f"N={r['N']} V={r['V']} {threads_label(r['threads'])} {name}",
                                      trust.summary([x / 1e3 for x in r[f"{name}_runs_us"]]), runs)
             if w:
                 warnings.append(w)
-    for r in rows:
-        if r["kd_threaded"]:
-            warnings.append(f"N={r['N']} V={r['V']} {threads_label(r['threads'])}: {r['kd_threaded']} of "
-                            f"{r['runs']} timed kd calls ran their chunk loop on threads, kd_loss's mode for "
-                            "a busy machine (its calling thread was seen off a CPU, by other processes or "
-                            "the hypervisor): those calls are slower where the machine is not in fact busy")
     meta["warnings"] = warnings
     paths = []
     if prefix:
