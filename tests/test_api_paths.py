@@ -152,6 +152,20 @@ def test_fast_path_is_the_torch_backends_only(monkeypatch):
     assert api._plain_cpu_call(s, t, y, opts) is None
 
 
+def test_env_var_steers_auto_only_and_is_read_per_call(monkeypatch):
+    """$KDKERNELS_BACKEND steers backend="auto" on every call (the memo of resolved backends is
+    keyed by it), and an explicit backend does not read it."""
+    s, t, y = _inputs(4, 10, torch.float32, 6)
+    for labels, hard in ((None, 0.0), (y, 0.5)):
+        monkeypatch.setenv("KDKERNELS_BACKEND", "torch")
+        kdkernels.kd_loss(s, t, labels, hard_weight=hard)
+        kdkernels.kd_loss(s, t, labels, hard_weight=hard, backend="torch")
+        monkeypatch.setenv("KDKERNELS_BACKEND", "bogus")
+        with pytest.raises(ValueError, match="KDKERNELS_BACKEND"):
+            kdkernels.kd_loss(s, t, labels, hard_weight=hard)
+        assert torch.isfinite(kdkernels.kd_loss(s, t, labels, hard_weight=hard, backend="torch"))
+
+
 def test_eager_functions_enter_through_the_cpp_apply_or_fall_back(monkeypatch):
     """ops._apply: the C++ apply bound to the Function where torch has it (same loss and
     gradient as Function.apply), Function.apply itself where it does not."""

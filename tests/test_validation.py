@@ -98,20 +98,6 @@ def test_env_var_overrides_auto(monkeypatch):
         kd(S, T)
 
 
-def test_env_var_steers_auto_only_and_is_read_per_call(monkeypatch):
-    """$KDKERNELS_BACKEND steers backend="auto" on every call (the memo of resolved backends is
-    keyed by it), and an explicit backend does not read it."""
-    y = torch.randint(0, S.shape[-1], (S.shape[0],))
-    for labels, hard in ((None, 0.0), (y, 0.5)):  # (both the fast path and the general one)
-        monkeypatch.setenv("KDKERNELS_BACKEND", "torch")
-        kd(S, T, labels, hard_weight=hard)
-        kd(S, T, labels, hard_weight=hard, backend="torch")
-        monkeypatch.setenv("KDKERNELS_BACKEND", "bogus")
-        with pytest.raises(ValueError, match="KDKERNELS_BACKEND"):
-            kd(S, T, labels, hard_weight=hard)
-        assert torch.isfinite(kd(S, T, labels, hard_weight=hard, backend="torch"))
-
-
 def test_device_mismatch_is_named():
     if not torch.cuda.is_available():
         meta = torch.empty(4, 10, device="meta")
