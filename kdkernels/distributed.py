@@ -201,11 +201,11 @@ def _forward(s, t, y, start, group, T, code, beta, soft_scale, hard_weight, igno
     sums = torch.zeros(N, 4, dtype=acc, device=dev)
     for a, b in _chunks(N, V):
         zs, zt = centred(a, b)
-        sums[a:b, 0] = zs.exp().sum(-1)
-        sums[a:b, 1] = zt.exp().sum(-1)
+        sums[a:b, 0] = M.exp(zs).sum(-1)
+        sums[a:b, 1] = M.exp(zt).sum(-1)
         if hard:
             sh = s[a:b].to(acc) - m_s[a:b]
-            sums[a:b, 2] = sh.exp().sum(-1)
+            sums[a:b, 2] = M.exp(sh).sum(-1)
             sums[a:b, 3] = torch.where(local[a:b], sh.gather(-1, y_loc[a:b]).squeeze(-1), 0.0)
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     log_ds, log_dt, log_dh = sums[:, :1].log(), sums[:, 1:2].log(), sums[:, 2:3].log()
@@ -214,7 +214,7 @@ def _forward(s, t, y, start, group, T, code, beta, soft_scale, hard_weight, igno
         zs, zt = centred(a, b)
         lq = zs - log_ds[a:b]
         lp = zt - log_dt[a:b]
-        return lp.exp(), lq, lq.exp(), lp - lq
+        return M.exp(lp), lq, M.exp(lq), lp - lq
 
     # 3. partial divergence (cancellation-free terms) and gradient sums G_s, G_t
     tvd = code == M.TVD
@@ -241,7 +241,7 @@ def _forward(s, t, y, start, group, T, code, beta, soft_scale, hard_weight, igno
         dS = M.grad(q, p, c_s, r_s, part[a:b, 1:2]).mul_(g_scale)
         if y is not None:
             if hard:
-                dS.add_((s[a:b].to(acc) - m_s[a:b] - log_dh[a:b]).exp_(), alpha=hard_weight)
+                dS.add_(M.exp_(s[a:b].to(acc) - m_s[a:b] - log_dh[a:b]), alpha=hard_weight)
                 hit = torch.where(local[a:b], -hard_weight, 0.0).to(acc).unsqueeze(-1)
                 dS.scatter_add_(-1, y_loc[a:b], hit)
             dS.masked_fill_(ignored[a:b, None], 0.0)

@@ -22,6 +22,7 @@ import math
 import torch
 
 from . import module
+from . import torch_math as M
 
 # Elements of one (rows, V) float32 work chunk: small on CPUs (cache-sized buffers), large on
 # GPUs (few launches, GEMMs big enough to saturate the device).
@@ -149,7 +150,7 @@ def _entropy(z, inv_t, step):
     for a in range(0, z.shape[0], step):
         y = z[a:a + step] * inv_t
         y -= y.amax(-1, keepdim=True)
-        e = y.exp()
+        e = M.exp(y)
         d = e.sum(-1)
         out[a:a + step] = d.log() - e.mul_(y).sum(-1) / d
     return out

@@ -193,7 +193,7 @@ def kd_small(student, teacher, labels, *, teacher_is_probs, temperature, diverge
                 l1 = (zs - log_ds) if inv_t == 1.0 else torch.log_softmax(s - s.amax(-1, keepdim=True), -1)
                 y = labels.unsqueeze(-1)
                 row_loss = row_loss - hard_weight * l1.gather(-1, y).squeeze(-1)
-                dS.add_(l1.exp_(), alpha=hard_weight).scatter_add_(-1, y, torch.full_like(y, -hard_weight,
+                dS.add_(M.exp_(l1), alpha=hard_weight).scatter_add_(-1, y, torch.full_like(y, -hard_weight,
                                                                                          dtype=dS.dtype))
         else:
             stats = (zs, q, log_ds) if inv_t == 1.0 else None
@@ -235,7 +235,7 @@ def _tempered(x, inv_t: float):
 def _centred_log_softmax_(z):
     """(log_softmax(z), softmax(z)) along the last dim, op by op, of centred z (max 0 in every
     row), the log-softmax written over z."""
-    e = torch.exp(z)
+    e = M.exp(z)
     d = e.sum(-1, keepdim=True)
     return z.sub_(d.log()), e.div_(d)
 
@@ -254,7 +254,7 @@ def _log_softmax_pair(x, inv_t: float, hard: bool = False):
         return _centred_log_softmax_(z1 * inv_t) + (_centred_log_softmax_(z1) if hard else (None, None))
     y, _ = _tempered(x, inv_t)
     lp = torch.log_softmax(y, -1)
-    p = lp.exp() if y is x else torch.exp(lp, out=y)
+    p = M.exp(lp, out=None if y is x else y)
     return lp, p, (torch.log_softmax(x, -1) if hard and inv_t != 1.0 else None), None
 
 
@@ -297,8 +297,8 @@ def _careful_log_ratio(xs, xt, inv_t: float):
         y, is_centred = _tempered(x, inv_t)
         return y if is_centred else y - y.amax(-1, keepdim=True)
     zs, zt = centred(xs), centred(xt)
-    log_ds = torch.exp(zs).sum(-1, keepdim=True).log_()
-    log_dt = torch.exp(zt).sum(-1, keepdim=True).log_()
+    log_ds = M.exp(zs).sum(-1, keepdim=True).log_()
+    log_dt = M.exp(zt).sum(-1, keepdim=True).log_()
     if bool((torch.minimum(log_ds, log_dt) < M.NEAR_ONE_HOT).any()):  # (a NaN row is redone anyway)
         return None
     return M.log_ratio(zt, log_dt, zs, log_ds)
@@ -362,7 +362,7 @@ def kd_lean(student, teacher, labels, *, temperature, divergence, beta, soft_sca
         l1, q1 = (ls, q) if l1 is None else (l1, q1)
         yi = y.unsqueeze(-1)  # (a gather, not nll_loss: that opens a parallel region at any size)
         row_loss.sub_(l1.gather(-1, yi), alpha=hard_weight)
-        dS.add_(l1.exp_() if q1 is None else q1, alpha=hard_weight).scatter_(-1, yi, -hard_weight, reduce="add")
+        dS.add_(M.exp_(l1) if q1 is None else q1, alpha=hard_weight).scatter_(-1, yi, -hard_weight, reduce="add")
     row_loss = row_loss.squeeze(-1)
     dT = None
     if teacher_grad:
@@ -635,7 +635,7 @@ def softmax_backward(y: torch.Tensor, grad_y: torch.Tensor, temperature: float, 
     for a in range(0, N, step):
         ys, gs = y[a:a + step].to(acc), grad_y[a:a + step].to(acc)
         if log:
-            gx = gs - ys.exp() * gs.sum(-1, keepdim=True)
+            gx = gs - M.exp(ys) * gs.sum(-1, keepdim=True)
         else:
             gx = ys * (gs - (gs * ys).sum(-1, keepdim=True))
         out[a:a + step] = gx * (1.0 / temperature)
@@ -689,11 +689,11 @@ def kd_topk_forward(student, ids, logprobs, labels, *, temperature, divergence, 
             if inv_t != 1.0:
                 e.mul_(inv_t)
             z_ids = e.gather(-1, idx)
-            e.exp_()
+            M.exp_(e)
             d = e.sum(-1, keepdim=True)
             log_d = d.log()
             lB = torch.where(present, z_ids - log_d, -math.inf)
-            B = lB.exp()
+            B = M.exp(lB)
             # the student's mass off the present ids: d minus theirs, unless that cancels (the ids
             # hold nearly all of it; on the CPU, checked), then summed outside them
             rest = (d - torch.where(present, e.gather(-1, idx), 0.0).sum(-1, keepdim=True)) / d
@@ -701,7 +701,7 @@ def kd_topk_forward(student, ids, logprobs, labels, *, temperature, divergence, 
                 rest = torch.where(rest < 1e-2, e.scatter(-1, idx, 0.0).sum(-1, keepdim=True) / d, rest)
         if mode == TAIL:
             lP = torch.where(present, lp, -math.inf)
-            P = lP.exp()
+            P = M.exp(lP)
         else:
             lP, P = log_softmax_and_softmax(torch.where(present, lp, -math.inf), teacher_temperature * inv_t)
         D, g_ids, rest_coef, dlp = M.topk_bins(divergence, beta, mode, P, lP, B, lB, rest, teacher_grad)

@@ -50,6 +50,34 @@ ACCURATE_BELOW = 0.0625  # nats: rows whose plain divergence is smaller get the 
 # when not. On other devices the masks are applied unconditionally (a question would be a sync).
 
 
+# exp on the CPU. The x86 torch wheels' float32 / float64 torch.exp is MKL's vsExp / vdExp, which
+# on an AMD EPYC host took 69.5 us for 102400 float32 elements, 1 thread (torch 2.13), against
+# 23.0 us for exp2(x * log2 e): a multiply plus ATen's own vectorised exp2. From EXP2_FROM elements
+# the two passes are the faster (4096: 3.7 vs 3.7 us, 10240: 7.8 vs 4.8; float64 102400: 159 vs
+# 63); below it the second op's fixed cost is the larger. bfloat16 / half (not MKL) keep torch.exp.
+# exp2(0) = 1 and exp2(-inf) = 0 exactly; the product's rounding adds a relative error of at most
+# |x| eps to exp x (x = -10: 6e-7 in float32, where torch.exp has 6e-8), the same order as the
+# rounding of a centred logit z = (x - max x) / T that exp is applied to.
+LOG2E = 1.0 / math.log(2.0)
+EXP2_FROM = 1 << 12
+
+
+def _via_exp2(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.numel() >= EXP2_FROM and x.dtype in (torch.float32, torch.float64)
+
+
+def exp(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.exp(x, out=out), by exp2 where that is faster (see EXP2_FROM)."""
+    if _via_exp2(x):
+        return torch.mul(x, LOG2E, out=out).exp2_()
+    return torch.exp(x, out=out)
+
+
+def exp_(x: torch.Tensor) -> torch.Tensor:
+    """x.exp_(), by exp2 where that is faster (see EXP2_FROM)."""
+    return x.mul_(LOG2E).exp2_() if _via_exp2(x) else x.exp_()
+
+
 def _cpu_all_finite(x: torch.Tensor) -> bool:
     """On the CPU: whether every element of x is finite (its sum is; an overflowing sum of finite
     values only costs the exact path)."""
@@ -121,16 +149,16 @@ def centred_stats(x: torch.Tensor, inv_t: float, z_out=None, e_out=None):
     if x.numel() <= SMALL_BLOCK:
         lp = torch.log_softmax(z, -1)
         log_d = lp.amax(-1, keepdim=True).neg_()  # log p at the max entry (z = 0) is -log d
-        p = lp.exp_()
+        p = exp_(lp)
     else:
-        p = torch.exp(z, out=e_out)
+        p = exp(z, out=e_out)
         d = p.sum(-1, keepdim=True)
         log_d = d.log()
         p.div_(d)
     near = log_d < NEAR_ONE_HOT  # d - 1 without the rounding of the 1 that the max entry contributes exactly
     if x.device.type != "cpu" or bool(near.any()):
         top = z == 0
-        rest = torch.exp(z).masked_fill_(top, 0.0).sum(-1, keepdim=True) + (top.sum(-1, keepdim=True) - 1)
+        rest = exp(z).masked_fill_(top, 0.0).sum(-1, keepdim=True) + (top.sum(-1, keepdim=True) - 1)
         log_d = torch.where(near, torch.log1p(rest), log_d)
     return z, p, log_d
 
@@ -286,7 +314,7 @@ def terms(code: int, param: float, p, lq, q, u, normalized: bool = True, plain_s
         a = param
         w, v, uw = (p, q, u) if code == SKEW_KL else (q, p, -u)   # KL(w || a w + (1 - a) v)
         x = log_w_over_mix(uw, a)
-        ratio = torch.exp(x)                                      # w / m
+        ratio = exp(x)                                            # w / m
         D = sum_mul0(w, x, None, masks)
         r_w, r_v = x - a * ratio, ratio.mul_(-(1 - a))
         r_t, r_s = (r_w, r_v) if code == SKEW_KL else (r_v, r_w)
