@@ -35,9 +35,9 @@ def paths(monkeypatch):
     def spy_small(student, *args, **kwargs):
         seen["small_rows"].append(student.shape[0])
         return small(student, *args, **kwargs)
-    def spy_careful(*args):
+    def spy_careful(*args, **kwargs):
         seen["careful"] += 1
-        return careful(*args)
+        return careful(*args, **kwargs)
     monkeypatch.setattr(tb, "kd_lean", spy_lean)
     monkeypatch.setattr(tb, "kd_small", spy_small)
     monkeypatch.setattr(tb, "_careful_log_ratio", spy_careful)
@@ -247,3 +247,23 @@ def test_cpu_paths_take_no_full_size_torch_exp(case):
         else:
             tb.kd_forward(s, t, y, teacher_is_probs=False, **kw)
     assert not seen, seen
+
+
+@pytest.mark.parametrize("offset", [0.0, 60.0, -300.0])
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+def test_careful_branch_rows_per_row_relative_error(offset, divergence, paths):
+    """The careful branch (a teacher close to the student) at a divergence ~1e-6 nat per row,
+    with the teacher's logits shifted by a constant (different models' logits differ by one;
+    softmax ignores it): every row's loss within 1e-4 of the float64 reference's, relative. The
+    log-ratio is formed from centred logits, so the shift's magnitude does not enter its rounding."""
+    import kdkernels
+    from kdkernels import reference
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(96, 300, generator=g, dtype=torch.float64) * 2
+    t = s + offset + 1e-3 * torch.randn(96, 300, generator=g, dtype=torch.float64)
+    got = kdkernels.kd_loss(s.float(), t.float(), divergence=divergence, reduction="none", backend="torch")
+    ref = reference.kd_loss(s.float().double(), t.float().double(), divergence=divergence, reduction="none")
+    assert paths["careful"] == 1 and set(paths["lean"]) == {"lean"}, paths
+    assert ref.min() > 1e-8
+    rel = ((got.double() - ref).abs() / ref).max().item()
+    assert rel < 1e-4, rel

@@ -287,21 +287,23 @@ def _stacked_log_softmaxes(student, teacher, inv_t: float, hard: bool, acc: torc
     return (ls, q, lt, p) + ((l1[0], q1[0]) if three else (ls, q))
 
 
-def _careful_log_ratio(xs, xt, inv_t: float):
-    """u = log p - log q in torch_math.log_ratio's form, (z_t - z_s) - (log d_t - log d_s) with
-    z = (x - max x) / T and log d summed by torch.sum (pairwise: the fused log-softmax's own sum
-    is less accurate at large V): its rounding is relative to |z_t - z_s| where lt - ls carries
-    eps |log p| per entry (which decides a divergence many orders below its terms). None if a
-    row is nearly one-hot (log d below torch_math.NEAR_ONE_HOT, where log d needs log1p)."""
-    def centred(x):
-        y, is_centred = _tempered(x, inv_t)
-        return y if is_centred else y - y.amax(-1, keepdim=True)
-    zs, zt = centred(xs), centred(xt)
-    log_ds = M.exp(zs).sum(-1, keepdim=True).log_()
-    log_dt = M.exp(zt).sum(-1, keepdim=True).log_()
+def _careful_log_ratio(xs, xt, q, p, inv_t: float, scratch=None, out=None):
+    """u = log p - log q in torch_math.log_ratio's form, (z_t - z_s) / T - (log d_t - log d_s) with
+    z = x - max x, of the logits xs, xt and the probabilities q, p already computed from them: its
+    rounding is relative to |z_t - z_s| where lt - ls carries eps |log p| per entry (which decides
+    a divergence many orders below its terms). log d = log(sum p / max p): d = sum exp z, whose
+    entry at the max is 1; the sums are torch.sum's (pairwise: the fused log-softmax's own sum is
+    less accurate at large V), and a common rounding of the log-softmax's row constant cancels in
+    the ratio. None if a row is nearly one-hot (log d below NEAR_ONE_HOT, where log d needs log1p).
+    scratch, out: buffers like xs to use (out may hold lt or the plain u: they are read before)."""
+    def log_d(e):
+        return e.sum(-1, keepdim=True).div_(e.amax(-1, keepdim=True)).log_()
+    log_ds, log_dt = log_d(q), log_d(p)
     if bool((torch.minimum(log_ds, log_dt) < M.NEAR_ONE_HOT).any()):  # (a NaN row is redone anyway)
         return None
-    return M.log_ratio(zt, log_dt, zs, log_ds)
+    zs = torch.sub(xs, xs.amax(-1, keepdim=True), out=scratch)
+    u = torch.sub(xt, xt.amax(-1, keepdim=True), out=out).sub_(zs)
+    return torch.add(log_ds.sub_(log_dt), u, alpha=inv_t, out=u)
 
 
 def kd_lean(student, teacher, labels, *, temperature, divergence, beta, soft_scale, hard_weight, ignore_index,
@@ -345,12 +347,14 @@ def kd_lean(student, teacher, labels, *, temperature, divergence, beta, soft_sca
     D, (c_s, r_s), (c_t, r_t) = M.terms(divergence, beta, p, ls, q, u, tmp=dS, masks=False)
     lo, hi = (float(b) for b in D.aminmax())
     if not lo >= (M.ACCURATE_BELOW if acc == torch.float32 else 1e-9):  # (or NaN)
-        u = _careful_log_ratio(xs.to(acc), xt.to(acc), inv_t)  # (converted once)
+        u = _careful_log_ratio(xs.to(acc), xt.to(acc), q, p, inv_t, scratch=dS, out=u)
         if u is None:
             return None  # a nearly one-hot row: kd_small's log d = log1p(the rest) is exact there
         if divergence != M.SOFT_CE:  # (soft_ce's plain sum cannot cancel)
-            D, (c_s, r_s), (c_t, r_t) = M.terms(divergence, beta, p, ls, q, u, tmp=dS, masks=False)
-            if divergence in M.CANCELLING:
+            cancelling = divergence in M.CANCELLING  # (then no plain sum: the accurate form replaces it)
+            D, (c_s, r_s), (c_t, r_t) = M.terms(divergence, beta, p, ls, q, u, tmp=dS, masks=False,
+                                                plain_sum=not cancelling)
+            if cancelling:
                 D = M.accurate_divergence(divergence, beta, p, ls, q, u, masks=False)
             lo, hi = (float(b) for b in D.aminmax())
     finite = -math.inf < lo and hi < math.inf  # then so is every row's loss and gradient
