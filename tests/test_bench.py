@@ -356,3 +356,22 @@ def test_loaded_end_to_end_stops_its_busy_processes(tmp_path, monkeypatch, capsy
         assert r["median_growth"] == pytest.approx(r["loaded_ms"] / r["idle_ms"])
         assert r["worst_growth"] == pytest.approx(r["loaded_max_ms"] / r["idle_max_ms"])
     assert "median loaded/idle" in out and data["meta"]["passes"] == (rc == 0)
+
+
+def test_small_close_teacher_is_the_students_logits_plus_noise(capsys):
+    """--teacher close: the teacher is the student's logits plus N(0, 1) (most rows' divergence
+    below 1/16 nat, kd_loss's cancellation-free forms), the default an independent teacher; the
+    run reports which, and --teacher outside --small is refused."""
+    s, t, _ = small._inputs(256, 100, "cpu", 0, "close")
+    noise = t - s.detach()
+    assert abs(float(noise.std()) - 1.0) < 0.02 and abs(float(noise.mean())) < 0.02
+    s2, t2, _ = small._inputs(256, 100, "cpu", 0)
+    assert abs(float(torch.corrcoef(torch.stack([s2.detach().flatten(), t2.flatten()]))[0, 1])) < 0.02
+    assert torch.equal(s.detach(), s2.detach())
+    r = small.measure_pair(16, 100, 1, runs=3, warmup=1, device="cpu", teacher="close")
+    assert r["kd_loss_err"] < 1e-5 and r["kd_grad_err"] < 1e-6
+    assert run.main(["--device", "cpu", "--small", "--teacher", "close", "--N", "16", "--V", "10",
+                     "--threads", "1", "--runs", "3", "--warmup", "1"]) == 0
+    assert "close: the student's logits plus N(0, 1)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run.parse(["--device", "cpu", "--teacher", "close"])

@@ -17,7 +17,9 @@ Modes:
   --sweep   V in {32000, 128256, 262144} x three N, with plots of time and memory.
   --small   classification sizes: N in {64, 256, 1024} x V in {10, 100, 1000} and 128 x 32000,
             soft 0.5 + hard 0.5 (labels), T=4, kd_loss(backend="torch") against the eager
-            F.kl_div(...) * T*T * 0.5 + 0.5 * F.cross_entropy(...), at 1 and 2 threads.
+            F.kl_div(...) * T*T * 0.5 + 0.5 * F.cross_entropy(...), at 1 and 2 threads; the
+            teacher independent of the student, or with --teacher close the student's logits
+            plus N(0, 1) noise (a trained student: small divergences).
   --loaded  N=512 V=32000: eager and kd_loss(backend="torch") on the idle machine, then with
             one busy process per CPU started (and stopped) by the benchmark itself.
 """
@@ -79,6 +81,10 @@ def parse(argv):
     p.add_argument("--threads", type=_positive, nargs="+",
                    help="torch.set_num_threads for the measurement (default: torch's own; 1 2 with --small)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher", choices=("random", "close"), default="random",
+                   help="--small: the teacher's logits independent of the student's (default), or close: "
+                        "the student's plus N(0, 1) noise, a student that has learned its teacher (small "
+                        "divergences, where kd_loss computes them in cancellation-free forms)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--sweep", action="store_true", help="V in 32000/128256/262144 x 3 N, plots")
     mode.add_argument("--small", action="store_true", help="the classification-size table (see below)")
@@ -92,6 +98,8 @@ def parse(argv):
     args = p.parse_args(argv)
     if args.name and not args.out:
         p.error("--name needs --out DIR")
+    if args.teacher != "random" and not args.small:
+        p.error("--teacher applies to --small only")
     if args.name and os.sep in args.name:
         p.error("--name is a file name stem, not a path (the directory is --out)")
     return args
