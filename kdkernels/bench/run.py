@@ -36,6 +36,7 @@ import torch
 
 from ..backends import DIVERGENCES
 from . import candidates, measure, report, trust
+from .small import TEACHERS
 
 GPU_SIZES = ((16384, 128256), (8192, 32000), (8192, 262144))
 CPU_SIZES = ((1024, 131072),)
@@ -81,7 +82,7 @@ def parse(argv):
     p.add_argument("--threads", type=_positive, nargs="+",
                    help="torch.set_num_threads for the measurement (default: torch's own; 1 2 with --small)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--teacher", choices=("random", "close"), default="random",
+    p.add_argument("--teacher", choices=TEACHERS, default="random",
                    help="--small: the teacher's logits independent of the student's (default), or close: "
                         "the student's plus N(0, 1) noise, a student that has learned its teacher (small "
                         "divergences, where kd_loss computes them in cancellation-free forms)")
